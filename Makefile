@@ -1,0 +1,47 @@
+# featx: two commands on a fresh machine.
+#   make demo   runs the main job (the whole pipeline on the sample data in data/)
+#   make test   runs the test suite (what .ci/run calls)
+# Each creates the virtualenv and installs what it needs by itself.
+#
+# torch is installed first and on purpose: the CPU build by default. On a GPU machine:
+#   make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+RUN_DIR ?= .runs/demo
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.featx-installed
+
+.PHONY: demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/featx demo --out $(RUN_DIR)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests; check testpaths and -m/-k filters" >&2; exit 1; fi; \
+	exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_ingest.py
+
+clean:
+	rm -rf .runs .pytest_cache .ruff_cache

@@ -1,0 +1,378 @@
+"""Ingest: raw files into validated, normalised, deduplicated WebDataset shards.
+
+Inputs are processed in sorted order by a process pool (`imap` keeps the order), and the parent
+alone writes shards. Finished shards are never rewritten: a re-run or an incremental run ingests
+only what no finished shard holds, into new shards, so a killed run resumes to the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from featx import __version__
+from featx import normalize as N
+from featx.config import ConfigError, IngestConfig
+from featx.fsutil import atomic_write_text, sha256_file
+from featx.shards import ShardWriter, finished_shards, read_stats, remove_partials
+from featx.sources import SPLITS, Item, Reject, discover
+
+log = logging.getLogger(__name__)
+
+CARD = "dataset.json"
+REJECTED = "rejected.jsonl"
+TOKENIZER = "tokenizer.json"
+FORMAT = "featx-shards/1"
+
+
+@dataclass
+class IngestSummary:
+    out: str
+    modality: str
+    ingested: int  # new samples written by this run
+    total: int  # samples in the dataset after this run
+    rejected: dict[str, int] = field(default_factory=dict)  # every current reject, by reason
+    shards_written: int = 0
+    shards_total: int = 0
+    seconds: float = 0.0
+    up_to_date: bool = False
+
+    @property
+    def duplicates(self) -> int:
+        return self.rejected.get(N.DUPLICATE, 0)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "duplicates": self.duplicates}
+
+
+def sample_key(sha256: str, source: str) -> str:
+    """Stable key from content and relative path; no dots or slashes (WebDataset splits on them)."""
+    return f"{sha256[:20]}_{hashlib.blake2b(source.encode(), digest_size=4).hexdigest()}"
+
+
+def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from a hash of the key: the same on every run and machine."""
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:15], 16) / 16**15
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None) -> IngestSummary:
+    """Run ingest for `cfg`; `progress(done, total)` is called as inputs are processed."""
+    t0 = time.perf_counter()
+    cfg.check_paths()
+    out = cfg.out
+    if cfg.overwrite and out.exists():
+        _clear_output(out)
+    _check_output_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        if n := remove_partials(out):
+            log.info("removed %d partial file(s) left by an interrupted run", n)
+        prior = _finished(out)
+        items, rejects, layout = discover(cfg.src)
+        modality = _modality(cfg, prior, items)
+        classes = _classes(cfg, prior, items)
+        _check_compatible(cfg, prior, modality)
+
+        pending, rejects = _pending(out, items, rejects, prior)
+        params = N.Params(**{k: getattr(cfg, k) for k in N.Params.__dataclass_fields__})
+        extra = {"modality": modality, "classes": classes, "normalisation": cfg.normalisation()}
+        writers = {
+            s: ShardWriter(out, s, len(finished_shards(out, s)), cfg.shard_samples,
+                           cfg.shard_bytes, extra)
+            for s in SPLITS
+        }  # fmt: skip
+        seen = {e["sha256"]: e["key"] for st in prior for e in st["entries"]}
+        ingested = 0
+        try:
+            for i, (item, res) in enumerate(_run(pending, modality, params, cfg.workers)):
+                if isinstance(res, N.Normalised) and res.sha256 in seen:
+                    res = N.Rejected(N.DUPLICATE, f"duplicate of {seen[res.sha256]}", res.sha256)
+                if isinstance(res, N.Rejected):
+                    rejects.append(
+                        Reject(item.source, res.reason, res.detail, item.size, item.mtime_ns,
+                               res.sha256)
+                    )  # fmt: skip
+                    writers[split_of(item.source, cfg.val_fraction, cfg.test_fraction)].note_reject(
+                        res.reason
+                    )
+                else:
+                    key = sample_key(res.sha256, item.source)
+                    split = item.split or split_of(key, cfg.val_fraction, cfg.test_fraction)
+                    sample, entry = _sample(key, split, item, res, modality, classes)
+                    writers[split].write(sample, entry)
+                    seen[res.sha256] = key
+                    ingested += 1
+                if progress:
+                    progress(i + 1, len(pending))
+            for w in writers.values():
+                w.finish()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        new_shards = [st for w in writers.values() for st in w.written]
+        stats = _finished(out)
+        rejects.sort(key=lambda r: (r.source, r.reason))
+        rejected_changed = _write_if_changed(
+            out / REJECTED, "".join(json.dumps(r.record()) + "\n" for r in rejects)
+        )
+        tokenizer = None
+        if modality == "text":
+            tokenizer = TOKENIZER
+            if any(st["split"] == "train" for st in new_shards) or not (out / TOKENIZER).exists():
+                from featx.tokenizer import fit_tokenizer, shard_texts
+
+                fit_tokenizer(shard_texts(finished_shards(out, "train")), cfg.vocab_size,
+                              out / TOKENIZER)  # fmt: skip
+        by_reason = dict(sorted(Counter(r.reason for r in rejects).items()))
+        up_to_date = not new_shards and not rejected_changed and (out / CARD).exists()
+        if not up_to_date:
+            card = _card(cfg, modality, layout, classes, stats, by_reason, tokenizer)
+            atomic_write_text(out / CARD, json.dumps(card, indent=2) + "\n")
+    return IngestSummary(
+        out=str(out),
+        modality=modality,
+        ingested=ingested,
+        total=sum(st["samples"] for st in stats),
+        rejected=by_reason,
+        shards_written=len(new_shards),
+        shards_total=len(stats),
+        seconds=round(time.perf_counter() - t0, 3),
+        up_to_date=up_to_date,
+    )
+
+
+def load_card(dataset: Path) -> dict:
+    """The dataset card of an ingested folder, with a fix-it error when there is none."""
+    path = Path(dataset) / CARD
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No {CARD} in {dataset}: did you run `featx ingest SRC {dataset}`?"
+        )
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _run(pending: list[Item], modality: str, params: N.Params, workers: int) -> Iterator:
+    """Yield (item, result) in input order, decoding on all cores."""
+    workers = workers or os.cpu_count() or 1
+    workers = min(workers, max(1, len(pending) // 8))
+    args = [(it.path, it.text) for it in pending]
+    if workers <= 1:
+        N.init_worker(modality, params)
+        yield from zip(pending, map(N.work, args), strict=True)
+        return
+    # forkserver: a fork of a threaded parent (Prefect, Ray clients) can deadlock. Workers
+    # import only featx.normalize (Pillow, soundfile), not torch.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["featx.normalize"])
+    with ctx.Pool(workers, initializer=N.init_worker, initargs=(modality, params)) as pool:
+        chunk = max(1, min(32, len(args) // (workers * 8)))
+        yield from zip(pending, pool.imap(N.work, args, chunksize=chunk), strict=True)
+
+
+def _sample(key, split, item: Item, res: N.Normalised, modality, classes):
+    meta = {
+        "source": item.source,
+        "label": item.label,
+        "split": split,
+        "sha256": res.sha256,
+        "modality": modality,
+        "original": res.original,
+    }
+    sample = {"__key__": key, res.ext: res.payload, "json": json.dumps(meta, sort_keys=True)}
+    if item.label is not None:
+        sample["cls"] = str(classes[item.label])
+    entry = {
+        "key": key,
+        "source": item.source,
+        "label": item.label,
+        "sha256": res.sha256,
+        "size": item.size,
+        "mtime_ns": item.mtime_ns,
+    }
+    return sample, entry
+
+
+def _finished(out: Path) -> list[dict]:
+    return [read_stats(p) for s in SPLITS for p in finished_shards(out, s)]
+
+
+def _pending(out: Path, items: list[Item], rejects: list[Reject], prior: list[dict]):
+    """Inputs that no finished shard holds, minus decode rejects cached from the last run."""
+    done = {e["source"]: e for st in prior for e in st["entries"]}
+    cached = {}
+    if (out / REJECTED).exists():
+        for line in (out / REJECTED).read_text().splitlines():
+            r = json.loads(line)
+            if r["reason"] != N.DUPLICATE and r.get("mtime_ns"):
+                cached[(r["source"], r.get("size"), r["mtime_ns"])] = r
+    pending = []
+    for it in items:
+        e = done.get(it.source)
+        if e is not None:
+            if (e["size"], e["mtime_ns"]) != (it.size, it.mtime_ns) and it.path:
+                sha = sha256_file(it.path)
+                if sha != e["sha256"]:
+                    rejects.append(
+                        Reject(it.source, N.CHANGED,
+                               f"already ingested as {e['key']}; run with --overwrite to rebuild",
+                               it.size, it.mtime_ns, sha)
+                    )  # fmt: skip
+            continue
+        r = cached.get((it.source, it.size, it.mtime_ns))
+        if r is not None:
+            rejects.append(Reject(**r))
+            continue
+        pending.append(it)
+    return pending, rejects
+
+
+def _modality(cfg: IngestConfig, prior: list[dict], items: list[Item]) -> str:
+    if cfg.modality:
+        return cfg.modality
+    if prior:
+        return prior[0]["modality"]
+    votes = Counter()
+    step = max(1, len(items) // 64)
+    for it in items[::step]:
+        votes["text" if it.path is None else N.sniff(it.path)] += 1
+    votes.pop(None, None)
+    if not votes:
+        raise ConfigError(
+            [f"src: could not detect a modality in {cfg.src} (no image, audio or text files"
+             " found); pass --modality image|text|audio"]
+        )  # fmt: skip
+    (best, n), *rest = votes.most_common()
+    if rest:
+        log.warning("mixed inputs %s; ingesting as %s (force with --modality)", dict(votes), best)
+    return best
+
+
+def _classes(cfg: IngestConfig, prior: list[dict], items: list[Item]) -> dict[str, int]:
+    labels = sorted({it.label for it in items if it.label is not None})
+    if not prior:
+        return {name: i for i, name in enumerate(labels)}
+    classes = prior[0]["classes"]
+    new = [name for name in labels if name not in classes]
+    if new:
+        raise ConfigError(
+            [f"src: new classes {new} are not in the existing shards' class map {list(classes)};"
+             " class indices would change, so run again with --overwrite to rebuild"]
+        )  # fmt: skip
+    return classes
+
+
+def _check_compatible(cfg: IngestConfig, prior: list[dict], modality: str) -> None:
+    if not prior:
+        return
+    problems = []
+    if prior[0]["modality"] != modality:
+        problems.append(
+            f"modality: {cfg.out} holds {prior[0]['modality']} shards, not {modality};"
+            " use another --out or --overwrite"
+        )
+    old = prior[0]["normalisation"]
+    for k, v in cfg.normalisation().items():
+        if old.get(k) != v:
+            problems.append(
+                f"{k}: {cfg.out} was ingested with {old.get(k)!r}, not {v!r}; use the same"
+                " value, another --out, or --overwrite to rebuild"
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
+def _card(cfg, modality, layout, classes, stats, by_reason, tokenizer) -> dict:
+    counts: dict[str, dict] = {}
+    index = {i: name for name, i in classes.items()}
+    for st in stats:
+        c = counts.setdefault(st["split"], {"total": 0, "per_class": {}})
+        c["total"] += st["samples"]
+        for e in st["entries"]:
+            name = e["label"] if e["label"] is not None else "(unlabelled)"
+            c["per_class"][name] = c["per_class"].get(name, 0) + 1
+    for c in counts.values():
+        c["per_class"] = dict(sorted(c["per_class"].items()))
+    shards = [{k: st[k] for k in ("shard", "split", "samples", "bytes", "sha256")} for st in stats]
+    fingerprint = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+    return {
+        "format": FORMAT,
+        "featx_version": __version__,
+        "modality": modality,
+        "layout": layout,
+        "source": str(cfg.src),
+        "classes": classes,
+        "class_names": [index[i] for i in sorted(index)],
+        "counts": dict(sorted(counts.items())),
+        "normalisation": {**cfg.normalisation(), "payload": _payload(modality, cfg)},
+        "tokenizer": tokenizer,
+        "shards": shards,
+        "fingerprint": fingerprint,
+        "rejected": {"total": sum(by_reason.values()), "by_reason": by_reason, "file": REJECTED},
+        "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _payload(modality: str, cfg: IngestConfig) -> str:
+    return {"image": cfg.image_format, "audio": "flac", "text": "txt"}[modality]
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.exists() and path.read_text() == text:
+        return False
+    atomic_write_text(path, text)
+    return True
+
+
+def _is_featx_output(out: Path) -> bool:
+    return any((out / name).exists() for name in (CARD, ".lock", *SPLITS))
+
+
+def _check_output_folder(out: Path) -> None:
+    if out.is_dir() and any(out.iterdir()) and not _is_featx_output(out):
+        raise ConfigError(
+            [f"out: {out} is not empty and holds no featx shards; choose a new or empty folder"]
+        )
+
+
+def _clear_output(out: Path) -> None:
+    if not _is_featx_output(out):
+        raise ConfigError([f"out: refusing to --overwrite {out}: it holds no featx shards"])
+    for name in (*SPLITS, CARD, REJECTED, TOKENIZER):
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    with open(out / ".lock", "a") as f:  # "a": taking the lock must not touch the file
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                [f"out: another featx ingest is writing to {out}; wait for it to finish"]
+            ) from None
+        yield

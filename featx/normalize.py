@@ -1,0 +1,305 @@
+"""Decode, validate and normalise one raw input into the bytes a shard stores.
+
+Runs in ingest's worker processes, so everything here is a plain picklable function of its
+arguments. Decoding is left to the standard libraries (Pillow, soundfile, soxr); a bad input
+becomes a `Rejected` with a reason from a fixed vocabulary, never an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Reasons written to rejected.jsonl and counted in the summary; a closed set, so users can group.
+EMPTY = "empty"
+CORRUPT = "corrupt"
+TRUNCATED = "truncated"
+NOT_DECODABLE = "not decodable"
+UNSUPPORTED = "unsupported format"
+BOMB = "decompression bomb"
+NOT_UTF8 = "not UTF-8"
+BINARY_TEXT = "binary text"
+TOO_SHORT = "too short"
+UNREADABLE = "unreadable"
+DUPLICATE = "duplicate"
+SYMLINK_ESCAPE = "symlink escaping SRC"
+BROKEN_SYMLINK = "broken symlink"
+SYMLINK_DIR = "symlinked folder not followed"
+PATH_ESCAPE = "path escaping manifest folder"
+MISSING = "missing"
+BAD_ROW = "bad manifest row"
+OUTSIDE_CLASSES = "outside class folders"
+HIDDEN = "hidden file"
+CHANGED = "changed after ingest"
+
+IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
+AUDIO_FORMATS = {"WAV", "FLAC", "OGG", "MP3", "WAVEX", "RF64"}
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".markdown"}
+
+
+@dataclass(frozen=True)
+class Params:
+    """Normalisation parameters (a plain copy of the relevant IngestConfig fields)."""
+
+    image_size: int = 64
+    image_resize: str = "crop"
+    image_format: str = "jpg"
+    jpeg_quality: int = 90
+    max_pixels: int = 89_478_485
+    sample_rate: int = 16000
+    max_seconds: float = 10.0
+    min_seconds: float = 0.05
+    encoding: str | None = None
+    max_chars: int = 10_000
+    min_chars: int = 1
+
+
+@dataclass
+class Normalised:
+    sha256: str
+    ext: str  # payload member: jpg, png, flac or txt
+    payload: bytes
+    original: dict = field(default_factory=dict)
+
+
+@dataclass
+class Rejected:
+    reason: str
+    detail: str
+    sha256: str | None = None
+
+
+def process(path: str | None, text: str | None, modality: str, p: Params):
+    """Normalise one input given by file path or inline text; returns Normalised or Rejected."""
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except PermissionError as e:
+            return Rejected(UNREADABLE, f"cannot read: {e.strerror}")
+        except OSError as e:
+            return Rejected(UNREADABLE, f"cannot read: {e.strerror or e}")
+    else:
+        raw = (text or "").encode("utf-8")
+    if not raw:
+        return Rejected(EMPTY, "0 bytes")
+    sha = hashlib.sha256(raw).hexdigest()
+    try:
+        out = {"image": _image, "audio": _audio, "text": _text}[modality](raw, p, path)
+    except MemoryError:
+        out = Rejected(NOT_DECODABLE, "out of memory while decoding")
+    if isinstance(out, Rejected):
+        out.sha256 = sha
+        return out
+    ext, payload, original = out
+    return Normalised(sha, ext, payload, original)
+
+
+_worker: tuple[str, Params] | None = None
+
+
+def init_worker(modality: str, params: Params) -> None:
+    """Pool initializer: the arguments every call of `work` shares."""
+    global _worker
+    _worker = (modality, params)
+
+
+def work(arg: tuple[str | None, str | None]):
+    return process(arg[0], arg[1], *_worker)
+
+
+def sniff(path: str) -> str | None:
+    """Modality of a file from its content (Pillow, then soundfile, then UTF-8), or None."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    if not head:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(head)) as im:
+                if im.format in IMAGE_FORMATS:
+                    return "image"
+    except Exception:
+        pass
+    import soundfile as sf
+
+    try:
+        sf.info(path)
+        return "audio"
+    except Exception:
+        pass
+    if b"\x00" in head:
+        return None
+    try:
+        head.decode("utf-8")
+        return "text"
+    except UnicodeDecodeError as e:
+        # A multi-byte character cut at the 64 KiB boundary is still text.
+        return "text" if e.start >= len(head) - 4 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+def _image(raw: bytes, p: Params, path: str | None):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = p.max_pixels
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its limit; featx rejects from 1x.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(raw))
+            fmt = im.format
+            if fmt not in IMAGE_FORMATS:
+                return Rejected(UNSUPPORTED, f"image format {fmt} is not supported")
+            original = {"width": im.width, "height": im.height, "mode": im.mode, "format": fmt}
+            if fmt == "GIF" or getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            # JPEG can decode at a reduced scale straight away: much faster for large photos.
+            im.draft("RGB", (p.image_size, p.image_size))
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return Rejected(BOMB, str(e).split(". ")[0])
+    except UnidentifiedImageError:
+        return Rejected(NOT_DECODABLE, "not an image Pillow can identify")
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e)
+        reason = TRUNCATED if "truncated" in msg.lower() else CORRUPT
+        return Rejected(reason, msg[:200] or type(e).__name__)
+    with contextlib.suppress(Exception):  # a broken EXIF block is not worth losing the image
+        im = ImageOps.exif_transpose(im)
+    im = _to_rgb(im)
+    size = (p.image_size, p.image_size)
+    if p.image_resize == "crop":
+        im = ImageOps.fit(im, size, Image.Resampling.BICUBIC)
+    elif p.image_resize == "pad":
+        im = ImageOps.pad(im, size, Image.Resampling.BICUBIC, color=(0, 0, 0))
+    else:
+        im = im.resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    if p.image_format == "jpg":
+        im.save(buf, format="JPEG", quality=p.jpeg_quality)
+    else:
+        im.save(buf, format="PNG")
+    return p.image_format, buf.getvalue(), original
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # Pillow's own I->L conversion clips at 255; scale the real range instead.
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        a = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# audio
+
+
+def _audio(raw: bytes, p: Params, path: str | None):
+    import soundfile as sf
+    import soxr
+
+    try:
+        f = sf.SoundFile(io.BytesIO(raw))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        return Rejected(NOT_DECODABLE, f"not audio soundfile can decode ({_first_line(e)})")
+    with f:
+        if f.format not in AUDIO_FORMATS:
+            return Rejected(UNSUPPORTED, f"audio format {f.format} is not supported")
+        sr, channels, declared = f.samplerate, f.channels, f.frames
+        limit = int(p.max_seconds * sr) + 1
+        want = min(declared, limit) if declared > 0 else limit
+        try:
+            x = f.read(frames=want, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            return Rejected(CORRUPT, _first_line(e))
+    original = {
+        "sample_rate": sr,
+        "channels": channels,
+        "seconds": round(declared / sr, 4) if declared > 0 else None,
+        "format": f.format,
+    }
+    # A header that promises more than the file holds is a truncated file. libsndfile quietly
+    # reads what is there, so compare the RIFF size field with the real length too.
+    if raw[:4] == b"RIFF" and int.from_bytes(raw[4:8], "little") + 8 > len(raw):
+        riff = int.from_bytes(raw[4:8], "little") + 8
+        return Rejected(TRUNCATED, f"RIFF header declares {riff} bytes, file holds {len(raw)}")
+    if f.format not in ("MP3", "OGG") and 0 < len(x) < want:
+        return Rejected(TRUNCATED, f"header declares {declared} frames, file holds {len(x)}")
+    if not np.isfinite(x).all():
+        return Rejected(CORRUPT, "non-finite samples")
+    x = x.mean(axis=1)
+    if sr != p.sample_rate:
+        x = soxr.resample(x, sr, p.sample_rate, quality="HQ").astype(np.float32)
+    x = x[: int(p.max_seconds * p.sample_rate)]
+    seconds = len(x) / p.sample_rate
+    if seconds < p.min_seconds or len(x) < 2:
+        return Rejected(TOO_SHORT, f"{seconds:.4f} s is shorter than {p.min_seconds} s")
+    x = np.clip(x, -1.0, 1.0)
+    buf = io.BytesIO()
+    sf.write(buf, x, p.sample_rate, format="FLAC", subtype="PCM_16")
+    return "flac", buf.getvalue(), original
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+
+
+def _text(raw: bytes, p: Params, path: str | None):
+    if b"\x00" in raw:
+        return Rejected(BINARY_TEXT, "contains NUL bytes")
+    if p.encoding is None:
+        body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return Rejected(
+                NOT_UTF8,
+                f"byte 0x{body[e.start]:02x} at offset {e.start} is not UTF-8;"
+                " pass --encoding (e.g. latin-1) if that is the file's encoding",
+            )
+    else:
+        try:
+            text = raw.decode(p.encoding)
+        except UnicodeDecodeError as e:
+            return Rejected(NOT_DECODABLE, f"not {p.encoding}: {e.reason} at offset {e.start}")
+        text = text.removeprefix("\ufeff")
+    if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r\f\v" for c in text[:4096]):
+        return Rejected(BINARY_TEXT, "contains control characters")
+    text = " ".join(unicodedata.normalize("NFC", text).split())
+    if len(text) < p.min_chars:
+        reason = EMPTY if not text else TOO_SHORT
+        return Rejected(reason, f"{len(text)} characters after whitespace normalisation")
+    original = {"chars": len(text), "truncated": len(text) > p.max_chars}
+    return "txt", text[: p.max_chars].encode("utf-8"), original

@@ -1,0 +1,178 @@
+"""WebDataset shards: the atomic shard writer, shard listing, and the sample decoder.
+
+A shard is written under a hidden temporary name and renamed when complete, after its
+`_stats.json`; so a `*.tar` that exists is always whole. Tar headers carry fixed times and owners,
+so the same samples give the same bytes on every run and machine.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+from featx.fsutil import atomic_write_text, fsync_dir, sha256_file
+
+PAYLOADS = {"jpg": "image", "png": "image", "flac": "audio", "txt": "text"}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def stats_path(tar: Path) -> Path:
+    return tar.with_name(tar.name[: -len(".tar")] + "_stats.json")
+
+
+def finished_shards(out: Path, split: str) -> list[Path]:
+    """Complete shards of a split, in index order (a tar without its stats is not complete)."""
+    folder = out / split
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("shard-*.tar") if stats_path(p).exists())
+
+
+def remove_partials(out: Path) -> int:
+    """Delete temporaries and tars without stats left by a killed run; returns how many."""
+    n = 0
+    for folder in [out, *(p for p in out.iterdir() if p.is_dir())] if out.is_dir() else []:
+        for p in folder.iterdir():
+            orphan = p.suffix == ".tar" and not stats_path(p).exists()
+            if (p.name.startswith(".") and ".tmp" in p.name) or orphan:
+                p.unlink()
+                n += 1
+    return n
+
+
+class ShardWriter:
+    """Writes one split's samples into shards capped by sample count and payload bytes."""
+
+    def __init__(self, out: Path, split: str, start_index: int, max_samples: int,
+                 max_bytes: int, extra_stats: dict) -> None:  # fmt: skip
+        self.folder = out / split
+        self.split = split
+        self.index = start_index
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.extra_stats = extra_stats
+        self.written: list[dict] = []  # stats of shards finished by this writer
+        self._tar = None
+        self._errors: dict[str, int] = {}
+
+    def write(self, sample: dict[str, bytes | str], entry: dict) -> None:
+        size = sum(len(v) for k, v in sample.items() if not k.startswith("__"))
+        if self._tar is not None and (
+            len(self._entries) >= self.max_samples or self._bytes + size > self.max_bytes
+        ):
+            self.finish()
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)
+        self._entries.append(entry)
+        self._bytes += size
+
+    def note_reject(self, reason: str) -> None:
+        """Count a rejected input against the shard being filled (its stats' error histogram)."""
+        self._errors[reason] = self._errors.get(reason, 0) + 1
+
+    def _open(self) -> None:
+        import webdataset as wds
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._final = self.folder / shard_name(self.index)
+        self._tmp = self.folder / f".{self._final.name}.tmp{os.getpid()}"
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed by finish/abort)
+        self._tar = wds.TarWriter(self._file, user="featx", group="featx", mtime=0)
+        self._entries: list[dict] = []
+        self._bytes = 0
+        self._t0 = time.perf_counter()
+
+    def finish(self) -> None:
+        """Close the open shard: fsync, write its stats, then rename it into place."""
+        if self._tar is None:
+            return
+        self._tar.close()  # closes self._file too
+        sha = sha256_file(self._tmp, fsync=True)
+        stats = {
+            "shard": f"{self.split}/{self._final.name}",
+            "split": self.split,
+            "samples": len(self._entries),
+            "bytes": self._tmp.stat().st_size,
+            "sha256": sha,
+            "seconds": round(time.perf_counter() - self._t0, 3),
+            "errors": dict(sorted(self._errors.items())),
+            **self.extra_stats,
+            "entries": self._entries,
+        }
+        atomic_write_text(stats_path(self._final), json.dumps(stats, indent=1))
+        os.replace(self._tmp, self._final)
+        fsync_dir(self.folder)
+        self.written.append(stats)
+        self._errors = {}
+        self._tar = None
+        self.index += 1
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+
+def read_stats(tar: Path) -> dict:
+    return json.loads(stats_path(tar).read_text())
+
+
+def decode_sample(sample: dict) -> dict:
+    """Decode one raw WebDataset sample (member name -> bytes) into featx's in-memory form.
+
+    Returns `{"__key__", "cls", "meta", and one of "image" (uint8 HxWx3), "audio" (float32 mono)
+    or "text" (str)}`. Only featx's own formats are decoded: nothing is unpickled or torch-loaded.
+    """
+    import numpy as np
+
+    out: dict = {"__key__": sample["__key__"]}
+    cls = sample.get("cls")
+    out["cls"] = int(_bytes(cls)) if cls is not None else None
+    meta = sample.get("json")
+    out["meta"] = json.loads(_bytes(meta)) if meta is not None else {}
+    for ext, kind in PAYLOADS.items():
+        if ext not in sample:
+            continue
+        raw = _bytes(sample[ext])
+        if kind == "image":
+            from PIL import Image
+
+            with Image.open(io.BytesIO(raw)) as im:
+                out["image"] = np.asarray(im.convert("RGB"))
+        elif kind == "audio":
+            import soundfile as sf
+
+            x, sr = sf.read(io.BytesIO(raw), dtype="float32")
+            out["audio"] = x
+            out["meta"].setdefault("sample_rate", sr)
+        else:
+            out["text"] = raw.decode("utf-8")
+        break
+    else:
+        raise ValueError(
+            f"sample {sample['__key__']!r} has no featx payload (one of {sorted(PAYLOADS)})"
+        )
+    return out
+
+
+def _bytes(v) -> bytes:
+    # Ray Data hands members over as bytes, numpy scalars or already-decoded objects.
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode("utf-8")
+    if isinstance(v, (bytearray, memoryview)):
+        return bytes(v)
+    if isinstance(v, (int, float)):
+        return str(int(v)).encode()
+    if isinstance(v, dict):
+        return json.dumps(v).encode()
+    return bytes(v)

@@ -1,0 +1,198 @@
+"""Find ingest inputs: a class-folder tree, a flat folder, or a CSV/JSONL manifest.
+
+Discovery never follows a symlink out of SRC, never descends symlinked folders (no loops), and
+never lets a manifest path leave the manifest's folder. What it refuses is returned as a rejected
+record, so every input is accounted for.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from featx import normalize as N
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input: a file (path) or a manifest row with inline text."""
+
+    source: str  # path relative to the source root (POSIX), or "manifest.jsonl:LINE" for inline
+    path: str | None
+    label: str | None = None
+    split: str | None = None
+    text: str | None = None
+    size: int = 0
+    mtime_ns: int = 0
+
+
+@dataclass(frozen=True)
+class Reject:
+    source: str
+    reason: str
+    detail: str
+    size: int = 0
+    mtime_ns: int = 0
+    sha256: str | None = None
+
+    def record(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def discover(src: Path) -> tuple[list[Item], list[Reject], str]:
+    """All inputs under `src` sorted by source, what was refused, and the layout found."""
+    if src.is_file():
+        items, rejects = _manifest(src)
+        layout = "manifest"
+    else:
+        items, rejects, layout = _tree(src)
+    items.sort(key=lambda i: i.source)
+    rejects.sort(key=lambda r: r.source)
+    return items, rejects, layout
+
+
+def _tree(src: Path) -> tuple[list[Item], list[Reject], str]:
+    root = os.path.realpath(src)
+    top = sorted(os.scandir(root), key=lambda e: e.name)
+    has_dirs = any(e.is_dir(follow_symlinks=False) and not e.name.startswith(".") for e in top)
+    layout = "class-folders" if has_dirs else "flat"
+    items: list[Item] = []
+    rejects: list[Reject] = []
+
+    def walk_error(e: OSError) -> None:
+        rejects.append(Reject(_rel(e.filename, root), N.UNREADABLE, e.strerror or str(e)))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error, followlinks=False):
+        rel_dir = _rel(dirpath, root)
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            rel = _rel(full, root)
+            if d.startswith("."):
+                rejects.append(Reject(rel, N.HIDDEN, "hidden folder skipped"))
+            elif os.path.islink(full):
+                target = os.path.realpath(full)
+                reason = N.SYMLINK_DIR if _inside(target, root) else N.SYMLINK_ESCAPE
+                rejects.append(Reject(rel, reason, f"points to {_show(target, root)}"))
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            rel = _rel(full, root)
+            if name.startswith("."):
+                rejects.append(Reject(rel, N.HIDDEN, "hidden file skipped"))
+                continue
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if not _inside(target, root):
+                    rejects.append(
+                        Reject(rel, N.SYMLINK_ESCAPE, f"points to {_show(target, root)}")
+                    )
+                    continue
+                if not os.path.isfile(target):
+                    rejects.append(Reject(rel, N.BROKEN_SYMLINK, "target missing or a loop"))
+                    continue
+            try:
+                st = os.stat(full)
+            except OSError as e:
+                rejects.append(Reject(rel, N.UNREADABLE, e.strerror or str(e)))
+                continue
+            if not _is_regular(st):
+                rejects.append(Reject(rel, N.UNSUPPORTED, "not a regular file"))
+                continue
+            label = None
+            if layout == "class-folders":
+                if rel_dir == "":
+                    rejects.append(
+                        Reject(rel, N.OUTSIDE_CLASSES, "files must sit in SRC/<label>/",
+                               st.st_size, st.st_mtime_ns)
+                    )  # fmt: skip
+                    continue
+                label = rel_dir.split("/")[0]
+            items.append(Item(rel, full, label, None, None, st.st_size, st.st_mtime_ns))
+    return items, rejects, layout
+
+
+def _manifest(path: Path) -> tuple[list[Item], list[Reject]]:
+    base = os.path.realpath(path.parent)
+    items: list[Item] = []
+    rejects: list[Reject] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [(i + 2, row) for i, row in enumerate(csv.DictReader(f))]
+    else:
+        rows = []
+        with open(path, encoding="utf-8-sig") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    rejects.append(Reject(f"{path.name}:{i}", N.BAD_ROW, f"invalid JSON: {e.msg}"))
+                    continue
+                if not isinstance(row, dict):
+                    rejects.append(Reject(f"{path.name}:{i}", N.BAD_ROW, "not a JSON object"))
+                    continue
+                rows.append((i, row))
+    for line, row in rows:
+        where = f"{path.name}:{line}"
+        label = _clean(row.get("label"))
+        split = _clean(row.get("split"))
+        if split is not None and split not in SPLITS:
+            rejects.append(Reject(where, N.BAD_ROW, f"split {split!r} is not one of {SPLITS}"))
+            continue
+        text, rel = row.get("text"), _clean(row.get("path"))
+        if rel is None:
+            if isinstance(text, str):
+                items.append(Item(where, None, label, split, text, len(text.encode()), 0))
+            else:
+                rejects.append(Reject(where, N.BAD_ROW, "needs a 'path' (or 'text' in JSONL)"))
+            continue
+        full = os.path.realpath(os.path.join(base, rel))
+        if os.path.isabs(rel) or not _inside(full, base):
+            rejects.append(Reject(rel, N.PATH_ESCAPE, f"{where}: paths must stay under {base}"))
+            continue
+        try:
+            st = os.stat(full)
+        except OSError as e:
+            rejects.append(Reject(rel, N.MISSING, f"{where}: {e.strerror}"))
+            continue
+        if not _is_regular(st):
+            rejects.append(Reject(rel, N.UNSUPPORTED, f"{where}: not a regular file"))
+            continue
+        source = _rel(full, base)
+        items.append(Item(source, full, label, split, None, st.st_size, st.st_mtime_ns))
+    return items, rejects
+
+
+def _clean(v) -> str | None:
+    if v is None:
+        return None
+    v = str(v).strip()
+    return v or None
+
+
+def _is_regular(st: os.stat_result) -> bool:
+    import stat
+
+    return stat.S_ISREG(st.st_mode)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _rel(path: str, root: str) -> str:
+    rel = os.path.relpath(path, root)
+    return "" if rel == "." else Path(rel).as_posix()
+
+
+def _show(target: str, root: str) -> str:
+    return _rel(target, root) if _inside(target, root) else "a path outside SRC"

@@ -1,0 +1,523 @@
+"""Ingest: decode/normalise per modality, splits, dedup, rejects, resume and read-back."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_audio, make_image, make_text, png_bomb
+from PIL import Image
+
+from featx import normalize as N
+from featx.config import ConfigError, IngestConfig
+from featx.ingest import ingest, load_card, sample_key, split_of
+from featx.shards import decode_sample
+
+FEATX = [sys.executable, "-m", "featx.cli"]
+
+
+def run(src, out, **kw):
+    return ingest(IngestConfig.parse(src=src, out=out, **kw))
+
+
+def tar_members(out: Path) -> dict[str, bytes]:
+    members = {}
+    for tar in sorted(out.glob("*/shard-*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t:
+                assert m.name not in members, f"{m.name} appears twice"
+                members[m.name] = t.extractfile(m).read()
+    return members
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/shard-*.tar"))}
+
+
+def rejected(out: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    return {r["source"]: r for r in rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# per-modality normalisation
+
+
+@pytest.mark.parametrize(
+    "mode", ["RGB", "L", "LA", "P", "RGBA", "CMYK", "1", "I;16", "PA-transparent"]
+)
+def test_any_image_mode_becomes_rgb_of_the_requested_size(tmp_path, mode):
+    path = tmp_path / "x.png"
+    if mode == "I;16":
+        ramp = (np.arange(30 * 40).reshape(30, 40) * 54).astype(np.uint16)
+        Image.fromarray(ramp).save(path)
+    elif mode == "CMYK":
+        path = make_image(tmp_path / "x.tif", 1, mode="CMYK")
+    elif mode == "PA-transparent":
+        im = Image.new("P", (40, 30), 3)
+        im.putpalette(list(range(256)) * 3)
+        im.save(path, transparency=3)
+    else:
+        make_image(path, 1, mode=mode)
+    res = N.process(str(path), None, "image", N.Params(image_size=16, image_format="png"))
+    assert isinstance(res, N.Normalised), res
+    out = Image.open(io.BytesIO(res.payload))
+    assert (out.mode, out.size) == ("RGB", (16, 16))
+    if mode == "I;16":  # 16-bit range is scaled, not clipped to white
+        arr = np.asarray(out)
+        assert arr.min() < 20 and arr.max() > 200 and len(np.unique(arr)) > 50
+    if mode == "PA-transparent":  # fully transparent composites onto white
+        assert np.asarray(out).min() == 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    im.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    im.save(tmp_path / "x.jpg", exif=exif, quality=95)
+    params = N.Params(image_size=20, image_resize="stretch", image_format="png")
+    res = N.process(str(tmp_path / "x.jpg"), None, "image", params)
+    arr = np.asarray(Image.open(io.BytesIO(res.payload))).astype(int)
+    top, bottom = arr[:5].mean(axis=(0, 1)), arr[-5:].mean(axis=(0, 1))
+    assert top[2] > 200 and bottom[0] > 200  # blue ended up on top after the rotation
+
+
+def test_resize_modes_keep_aspect_or_stretch(tmp_path):
+    im = Image.new("RGB", (80, 20), (0, 255, 0))
+    im.save(tmp_path / "wide.png")
+    res = {
+        m: np.asarray(Image.open(io.BytesIO(N.process(
+            str(tmp_path / "wide.png"), None, "image",
+            N.Params(image_size=20, image_resize=m, image_format="png")).payload)))
+        for m in ("crop", "pad", "stretch")
+    }  # fmt: skip
+    assert (res["crop"][..., 1] > 250).all() and (res["stretch"][..., 1] > 250).all()
+    assert (res["pad"][0] < 5).all()  # letterbox bars are black
+
+
+def test_gif_first_frame_and_webp_bmp_tiff(tmp_path):
+    frames = [Image.new("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    for fmt in ("webp", "bmp", "tiff"):
+        make_image(tmp_path / f"a.{fmt}", 3)
+    for name in ("a.gif", "a.webp", "a.bmp", "a.tiff"):
+        res = N.process(str(tmp_path / name), None, "image", N.Params(image_format="png"))
+        assert isinstance(res, N.Normalised), (name, res)
+    gif = np.asarray(
+        Image.open(
+            io.BytesIO(
+                N.process(
+                    str(tmp_path / "a.gif"), None, "image", N.Params(image_format="png")
+                ).payload
+            )
+        )
+    )
+    assert gif[..., 0].mean() > 200 and gif[..., 1].mean() < 50  # the first (red) frame
+
+
+def test_audio_is_mono_resampled_and_capped(tmp_path):
+    import soundfile as sf
+
+    src = make_audio(tmp_path / "a.wav", 1, seconds=3.0, sr=44100, channels=2)
+    res = N.process(str(src), None, "audio", N.Params(sample_rate=16000, max_seconds=2.0))
+    x, sr = sf.read(io.BytesIO(res.payload))
+    assert sr == 16000 and x.ndim == 1 and len(x) == 32000
+    assert res.original == {"sample_rate": 44100, "channels": 2, "seconds": 3.0, "format": "WAV"}
+    # the 250 Hz tone survives resampling: its spectral peak is where it was
+    peak = np.argmax(np.abs(np.fft.rfft(x))) * sr / len(x)
+    assert abs(peak - 250) < 5
+
+
+def test_resampler_is_anti_aliased(tmp_path):
+    import soundfile as sf
+
+    sr = 48000
+    t = np.arange(sr) / sr
+    tone = 0.5 * np.sin(2 * np.pi * 11000 * t)  # above the 8 kHz Nyquist of the target
+    sf.write(tmp_path / "hi.wav", tone.astype(np.float32), sr)
+    res = N.process(str(tmp_path / "hi.wav"), None, "audio", N.Params(sample_rate=16000))
+    x, _ = sf.read(io.BytesIO(res.payload))
+    # naive decimation would fold 11 kHz to a loud 5 kHz alias; a proper resampler removes it
+    assert np.sqrt(np.mean(x[1000:-1000] ** 2)) < 0.01
+
+
+@pytest.mark.parametrize("fmt", ["FLAC", "OGG", "MP3"])
+def test_audio_formats_decode(tmp_path, fmt):
+    path = make_audio(tmp_path / f"a.{fmt.lower()}", 2, seconds=0.5, sr=16000, fmt=fmt)
+    res = N.process(str(path), None, "audio", N.Params())
+    assert isinstance(res, N.Normalised) and res.original["format"] == fmt
+
+
+def test_text_normalised_bom_stripped_and_capped(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_bytes(b"\xef\xbb\xbf  Hello \t\n  world \r\n" + "caf\u0065\u0301".encode())
+    res = N.process(str(p), None, "text", N.Params(max_chars=100))
+    assert res.payload.decode() == "Hello world caf\u00e9"  # NFC-composed, one space each
+    res = N.process(str(p), None, "text", N.Params(max_chars=5))
+    assert res.payload.decode() == "Hello" and res.original["truncated"]
+
+
+def test_latin1_text_rejected_unless_encoding_given(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_bytes("café crème".encode("latin-1"))
+    res = N.process(str(p), None, "text", N.Params())
+    assert res.reason == N.NOT_UTF8 and "--encoding" in res.detail
+    res = N.process(str(p), None, "text", N.Params(encoding="latin-1"))
+    assert res.payload.decode() == "café crème"
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets: layout, splits, dedup, card
+
+
+def test_class_folders_become_shards_with_card(image_tree, tmp_path):
+    out = tmp_path / "out"
+    s = run(image_tree, out, shard_samples=5, val_fraction=0.25)
+    card = load_card(out)
+    assert s.ingested == s.total == 24 and not s.rejected
+    assert card["modality"] == "image" and card["classes"] == {"cats": 0, "dogs": 1}
+    total = sum(c["total"] for c in card["counts"].values())
+    assert total == 24 and card["counts"]["val"]["total"] > 0
+    assert all(sh["samples"] <= 5 for sh in card["shards"])
+    for sh in card["shards"]:
+        tar = out / sh["shard"]
+        assert tar.exists()
+        import hashlib
+
+        assert hashlib.sha256(tar.read_bytes()).hexdigest() == sh["sha256"]
+        stats = json.loads(tar.with_name(tar.stem + "_stats.json").read_text())
+        assert stats["samples"] == sh["samples"] == len(stats["entries"])
+        assert "errors" in stats and "seconds" in stats
+    # members of one sample are adjacent, keys carry no dots or slashes, labels match folders
+    names = []
+    for tar in sorted(out.glob("*/shard-*.tar")):
+        with tarfile.open(tar) as t:
+            names += t.getnames()
+    keys = [n.split(".", 1)[0] for n in names]
+    for i in range(0, len(keys), 3):
+        assert keys[i] == keys[i + 1] == keys[i + 2]
+        assert "/" not in keys[i]
+    members = tar_members(out)
+    for name, data in members.items():
+        if name.endswith(".json"):
+            meta = json.loads(data)
+            key = name[: -len(".json")]
+            cls = int(members[key + ".cls"])
+            assert card["class_names"][cls] == meta["label"] == meta["source"].split("/")[0]
+            assert split_of(key, 0.25, 0.0) == meta["split"]
+
+
+def test_split_is_deterministic_and_near_the_fraction():
+    keys = [sample_key(f"{i:064x}", f"a/{i}.png") for i in range(4000)]
+    splits = [split_of(k, 0.2, 0.1) for k in keys]
+    assert splits == [split_of(k, 0.2, 0.1) for k in keys]
+    assert abs(splits.count("val") / 4000 - 0.2) < 0.03
+    assert abs(splits.count("test") / 4000 - 0.1) < 0.03
+    # fixed expectations: the split must not depend on the machine or Python's hash seed
+    code = "from featx.ingest import split_of;print([split_of(f'k{i}', .3, .2) for i in range(50)])"
+    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert other.stdout.strip() == str([split_of(f"k{i}", 0.3, 0.2) for i in range(50)])
+
+
+def test_manifest_split_wins_and_inline_text(tmp_path):
+    docs = tmp_path / "docs"
+    for i in range(6):
+        make_text(docs / f"d{i}.txt", i)
+    rows = [{"path": f"docs/d{i}.txt", "label": "a" if i < 3 else "b", "split": "test"}
+            for i in range(6)]  # fmt: skip
+    rows += [{"text": f"inline document number {i}", "label": "b"} for i in range(4)]
+    rows += [{"path": "../outside.txt", "label": "a"}, {"path": "/etc/passwd", "label": "a"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{bad json\n")
+    (tmp_path / "outside.txt").write_text("never read")
+    out = tmp_path / "out"
+    s = run(tmp_path / "m.jsonl", out, val_fraction=0.0)
+    assert s.modality == "text" and s.ingested == 10
+    card = load_card(out)
+    assert card["counts"]["test"]["total"] == 6 and card["counts"]["train"]["total"] == 4
+    rej = rejected(out)
+    assert rej["../outside.txt"]["reason"] == N.PATH_ESCAPE
+    assert rej["/etc/passwd"]["reason"] == N.PATH_ESCAPE
+    assert any(r["reason"] == N.BAD_ROW for r in rej.values())
+    assert (out / "tokenizer.json").exists()
+
+
+def test_csv_manifest(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "imgs" / f"{i}.png", i)
+    (tmp_path / "m.csv").write_text(
+        "path,label\n" + "".join(f"imgs/{i}.png,{'x' if i % 2 else 'y'}\n" for i in range(4))
+    )
+    s = run(tmp_path / "m.csv", tmp_path / "out")
+    assert s.ingested == 4 and load_card(tmp_path / "out")["classes"] == {"x": 0, "y": 1}
+
+
+def test_flat_folder_is_unlabelled(tmp_path):
+    for i in range(5):
+        make_audio(tmp_path / "src" / f"{i}.wav", i)
+    s = run(tmp_path / "src", tmp_path / "out")
+    assert s.modality == "audio" and s.ingested == 5
+    members = tar_members(tmp_path / "out")
+    assert not any(n.endswith(".cls") for n in members)
+    assert load_card(tmp_path / "out")["classes"] == {}
+
+
+def test_modality_detected_from_content_not_extension(tmp_path):
+    for i in range(6):
+        make_image(tmp_path / "src" / "c" / f"{i}.dat", i, fmt="PNG")
+    assert run(tmp_path / "src", tmp_path / "out").modality == "image"
+
+
+def test_duplicates_ingested_once(image_tree, tmp_path):
+    dup = image_tree / "dogs" / "copy_of_img001.png"
+    dup.write_bytes((image_tree / "cats" / "img001.png").read_bytes())
+    out = tmp_path / "out"
+    s = run(image_tree, out)
+    assert s.total == 24 and s.duplicates == 1
+    rej = rejected(out)["dogs/copy_of_img001.png"]
+    assert rej["reason"] == N.DUPLICATE
+    first = next(e for e in _entries(out) if e["source"] == "cats/img001.png")
+    assert rej["detail"] == f"duplicate of {first['key']}"
+
+
+def _entries(out: Path) -> list[dict]:
+    return [e for p in sorted(out.glob("*/*_stats.json")) for e in json.loads(p.read_text())
+            ["entries"]]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# broken and hostile inputs
+
+
+def hostile_tree(root: Path, outside: Path) -> dict[str, str]:
+    """Valid images plus broken ones; returns source -> expected reject reason."""
+    for i in range(8):
+        make_image(root / "ok" / f"good{i}.png", 100 + i)
+    bad = root / "bad"
+    bad.mkdir(parents=True)
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "random.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
+    jpg = make_image(bad / "full.jpg", 7, size=(64, 64))
+    (bad / "truncated.jpg").write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
+    jpg.unlink()
+    png_bomb(bad / "bomb.png")
+    (bad / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (bad / "binary.txt").write_bytes(b"\x00\x01\x02binary\xff")
+    wav = make_audio(bad / "full.wav", 1, seconds=0.5)
+    (bad / "truncated.wav").write_bytes(wav.read_bytes()[: wav.stat().st_size // 2])
+    wav.unlink()
+    outside.write_bytes(make_image(root / "tmp.png", 5).read_bytes())
+    (root / "tmp.png").unlink()
+    os.symlink(outside, bad / "escape.png")
+    os.symlink(bad / "loop_b.png", bad / "loop_a.png")
+    os.symlink(bad / "loop_a.png", bad / "loop_b.png")
+    return {
+        "bad/empty.png": N.EMPTY,
+        "bad/random.jpg": N.NOT_DECODABLE,
+        "bad/truncated.jpg": N.TRUNCATED,
+        "bad/bomb.png": N.BOMB,
+        "bad/latin1.txt": N.NOT_DECODABLE,  # in an image dataset these are not images
+        "bad/binary.txt": N.NOT_DECODABLE,
+        "bad/truncated.wav": N.NOT_DECODABLE,
+        "bad/escape.png": N.SYMLINK_ESCAPE,
+        "bad/loop_a.png": N.BROKEN_SYMLINK,
+        "bad/loop_b.png": N.BROKEN_SYMLINK,
+    }
+
+
+def test_hostile_inputs_are_recorded_and_valid_ones_kept(tmp_path):
+    outside = tmp_path / "secret.png"
+    expected = hostile_tree(tmp_path / "src", outside)
+    before = {p: p.read_bytes() for p in (tmp_path / "src").rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    s = run(tmp_path / "src", out)
+    assert s.total == 8
+    rej = rejected(out)
+    assert {k: v["reason"] for k, v in rej.items()} == expected
+    assert all(r["detail"] for r in rej.values())
+    assert sum(s.rejected.values()) == len(expected)
+    members = tar_members(out)
+    assert not any(outside.read_bytes() == v for v in members.values())
+    # inputs are never modified
+    assert before == {p: p.read_bytes() for p in (tmp_path / "src").rglob("*") if p.is_file()}
+
+
+def test_hostile_text_and_audio_reasons(tmp_path):
+    src = tmp_path / "src"
+    for i in range(4):
+        make_text(src / "ok" / f"{i}.txt", i)
+    (src / "ok" / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (src / "ok" / "binary.txt").write_bytes(b"abc\x00def")
+    (src / "ok" / "blank.txt").write_text("   \n\t ")
+    s = run(src, tmp_path / "t", modality="text")
+    rej = rejected(tmp_path / "t")
+    assert s.total == 4
+    assert rej["ok/latin1.txt"]["reason"] == N.NOT_UTF8
+    assert rej["ok/binary.txt"]["reason"] == N.BINARY_TEXT
+    assert rej["ok/blank.txt"]["reason"] == N.EMPTY
+
+    src = tmp_path / "asrc"
+    for i in range(4):
+        make_audio(src / "ok" / f"{i}.wav", i)
+    wav = make_audio(src / "ok" / "full.wav", 9, seconds=0.5)
+    (src / "ok" / "cut.wav").write_bytes(wav.read_bytes()[:3000])
+    wav.unlink()
+    make_audio(src / "ok" / "one.wav", 1, seconds=1 / 16000)
+    s = run(src, tmp_path / "a", modality="audio")
+    rej = rejected(tmp_path / "a")
+    assert s.total == 4
+    assert rej["ok/cut.wav"]["reason"] == N.TRUNCATED
+    assert rej["ok/one.wav"]["reason"] == N.TOO_SHORT
+
+
+def test_bad_config_stops_before_work(tmp_path, image_tree):
+    with pytest.raises(ConfigError) as e:
+        IngestConfig.parse(src=image_tree, out=tmp_path / "o", val_fraction=0.7,
+                           test_fraction=0.5, image_size=2)  # fmt: skip
+    assert "image_size" in str(e.value) and "leaves no training data" in str(e.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        run(tmp_path / "nope", tmp_path / "o")
+    with pytest.raises(ConfigError, match="inside src"):
+        run(image_tree, image_tree / "out")
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        run(image_tree, tmp_path / "mine")
+    with pytest.raises(ConfigError, match="overwrite"):
+        run(image_tree, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# re-runs, increments and kills
+
+
+def test_rerun_is_a_noop_and_increment_adds_shards(image_tree, tmp_path):
+    out = tmp_path / "out"
+    run(image_tree, out, shard_samples=4)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    s = run(image_tree, out, shard_samples=4)
+    assert s.up_to_date and s.ingested == 0 and s.shards_written == 0
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    assert before == after
+    for i in range(24, 30):
+        make_image(image_tree / ("cats" if i % 2 else "dogs") / f"img{i:03d}.png", seed=i)
+    s = run(image_tree, out, shard_samples=4)
+    assert s.ingested == 6 and s.total == 30 and s.shards_written >= 2
+    for p, (_, data) in before.items():
+        if p.suffix == ".tar":
+            assert p.read_bytes() == data  # finished shards are never rewritten
+    assert len(tar_members(out)) == 30 * 3
+    # a changed parameter is refused rather than mixing two normalisations
+    with pytest.raises(ConfigError, match="image_size"):
+        run(image_tree, out, shard_samples=4, image_size=32)
+    make_image(image_tree / "birds" / "b.png", seed=99)
+    with pytest.raises(ConfigError, match="new classes"):
+        run(image_tree, out, shard_samples=4)
+
+
+def test_sigkill_mid_run_then_rerun_gives_identical_shards(tmp_path):
+    src = tmp_path / "src"
+    for i in range(160):
+        make_image(src / f"c{i % 3}" / f"{i:04d}.png", seed=i, size=(300, 200))
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = ["--shard-samples", "8", "--workers", "1", "--image-format", "png"]
+    subprocess.run([*FEATX, "ingest", str(src), str(ref), *args], check=True,
+                   capture_output=True)  # fmt: skip
+    rng = np.random.default_rng(0)
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen([*FEATX, "ingest", str(src), str(out), *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        # wait until at least one shard exists, then kill at a random moment
+        deadline = time.time() + 60
+        while not list(out.glob("*/shard-*.tar")) and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        # what is visible after the kill is complete: every tar has its stats and reads whole
+        for tar in out.glob("*/shard-*.tar"):
+            assert tar.with_name(tar.stem + "_stats.json").exists()
+            with tarfile.open(tar) as t:
+                t.getmembers()
+    assert kills >= 1
+    subprocess.run([*FEATX, "ingest", str(src), str(out), *args], check=True,
+                   capture_output=True)  # fmt: skip
+    assert shard_bytes(out) == shard_bytes(ref)
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert load_card(out)["shards"] == load_card(ref)["shards"]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the shards back
+
+
+@pytest.fixture
+def ingested(image_tree, tmp_path):
+    out = tmp_path / "out"
+    run(image_tree, out, shard_samples=5)
+    return out
+
+
+def test_read_back_with_webdataset(ingested):
+    import webdataset as wds
+
+    urls = [str(p) for p in sorted(ingested.glob("*/shard-*.tar"))]
+    keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False).map(decode_sample)]
+    expected = {e["key"] for e in _entries(ingested)}
+    assert sorted(keys) == sorted(expected) and len(keys) == 24
+    sample = next(iter(wds.WebDataset(urls[:1], shardshuffle=False).map(decode_sample)))
+    assert sample["image"].shape == (64, 64, 3) and sample["cls"] in (0, 1)
+
+
+def test_read_back_with_tarfile(ingested):
+    members = tar_members(ingested)
+    keys = {n.split(".")[0] for n in members}
+    assert keys == {e["key"] for e in _entries(ingested)}
+    assert all({f"{k}.jpg", f"{k}.cls", f"{k}.json"} <= set(members) for k in keys)
+
+
+@pytest.mark.slow
+def test_read_back_with_ray_data(ingested):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ds = ray.data.read_webdataset(
+            [str(p) for p in sorted(ingested.glob("*/shard-*.tar"))], decoder=None
+        )
+        rows = ds.take_all()
+    finally:
+        ray.shutdown()
+    keys = [r["__key__"] for r in rows]
+    assert len(keys) == len(set(keys)) == 24
+    assert set(keys) == {e["key"] for e in _entries(ingested)}
+    decoded = decode_sample(rows[0])
+    assert decoded["image"].shape == (64, 64, 3)
+
+
+def test_cli_summary_and_up_to_date(image_tree, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.run([*FEATX, "ingest", str(image_tree), str(out)], capture_output=True,
+                           text=True, check=True)  # fmt: skip
+    assert "ingested" in first.stderr and "24" in first.stderr
+    again = subprocess.run([*FEATX, "ingest", str(image_tree), str(out)], capture_output=True,
+                           text=True, check=True)  # fmt: skip
+    assert "up to date" in again.stderr
+    bad = subprocess.run([*FEATX, "ingest", str(image_tree), str(out), "--val-fraction", "2"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "val_fraction" in bad.stderr
