@@ -1,0 +1,228 @@
+"""Decoded shard samples -> model inputs: one collate for training and extraction alike.
+
+`Batcher` is a small picklable callable (the tokenizer is loaded lazily in each process), so the
+same object runs in DataLoader workers and Ray Data actors. Augmentation is opt-in, meant for
+training only, and reproducible from a seed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MODALITIES = ("image", "text", "audio")
+
+# ImageNet channel statistics: fixed constants, so training and extraction normalise identically
+# whatever the dataset (a per-dataset estimate would have to travel with every checkpoint).
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+TOKEN_DROPOUT = 0.1  # fraction of tokens removed per text sample when augmenting
+AUDIO_SHIFT = 0.1  # largest circular time shift, as a fraction of the clip's length
+AUDIO_NOISE_STD = 0.005  # Gaussian noise on waveforms in [-1, 1], about -46 dBFS
+
+
+class Batcher:
+    """Collate a list of decoded samples into `{"x", "lengths", "labels", "keys"}`.
+
+    - `x`: image (B, 3, H, W) float32 normalised; text (B, S) int64 ids padded with 0;
+      audio (B, T) float32 waveforms padded with zeros.
+    - `lengths`: (B,) int64 valid tokens or samples (every value >= 1); None for images.
+    - `labels`: (B,) int64 class indices, or None unless every sample in the batch has a `cls`
+      (training needs all of them; extraction reads `keys`).
+    - `keys`: the samples' `__key__`s, in order.
+
+    With `seed`, augmentation is deterministic per process; DataLoader workers each add their
+    worker id to the seed. Other parallel copies (Ray actors, DDP ranks) should get distinct seeds.
+    """
+
+    def __init__(
+        self,
+        modality: str,
+        *,
+        tokenizer_path: str | os.PathLike | None = None,
+        max_tokens: int = 256,
+        augment: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; known modalities: {MODALITIES}")
+        if modality == "text" and tokenizer_path is None:
+            raise ValueError(
+                "text batches need tokenizer_path: pass the dataset's tokenizer.json "
+                "(written by `featx ingest` beside the shards)"
+            )
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens} should be at least 1")
+        self.modality = modality
+        self.tokenizer_path = None if tokenizer_path is None else str(tokenizer_path)
+        self.max_tokens = max_tokens
+        self.augment = augment
+        self.seed = seed
+        self._tokenizer = None
+        self._unk_id = 1
+        self._rng: np.random.Generator | None = None
+        self._rng_pid = 0
+        if modality == "text":
+            self._load_tokenizer()  # fail now, not in a worker, on a bad tokenizer file
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Each unpickled copy reloads the tokenizer and restarts its random stream from the seed.
+        return {**self.__dict__, "_tokenizer": None, "_rng": None}
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        for s in samples:
+            if self.modality not in s:
+                found = [k for k in MODALITIES if k in s]
+                raise ValueError(
+                    f"sample {s.get('__key__')!r} has no {self.modality!r} payload (found: "
+                    f"{found or 'none'}); is the dataset's modality {self.modality!r}?"
+                )
+        collate = {"image": self._images, "text": self._texts, "audio": self._audio}[self.modality]
+        x, lengths = collate(samples)
+        classes = [s.get("cls") for s in samples]
+        labels = None
+        if all(c is not None for c in classes):
+            labels = torch.tensor([int(c) for c in classes], dtype=torch.long)
+        return {
+            "x": x,
+            "lengths": lengths,
+            "labels": labels,
+            "keys": [s["__key__"] for s in samples],
+        }
+
+    def _random(self) -> np.random.Generator:
+        # A forked worker inherits the parent's generator; start its own stream instead.
+        if self._rng is None or self._rng_pid != os.getpid():
+            self._rng_pid = os.getpid()
+            worker = torch.utils.data.get_worker_info()
+            entropy = None if self.seed is None else [self.seed, 0 if worker is None else worker.id]
+            self._rng = np.random.default_rng(entropy)
+        return self._rng
+
+    def _images(self, samples: list[dict[str, Any]]) -> tuple[torch.Tensor, None]:
+        arrays = [np.asarray(s["image"]) for s in samples]
+        for s, a in zip(samples, arrays, strict=True):
+            if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+                raise ValueError(
+                    f"sample {s['__key__']!r}: image must be uint8 (H, W, 3) RGB, got {a.dtype} "
+                    f"{a.shape}; decode shards with featx.shards.decode_sample"
+                )
+            if a.shape != arrays[0].shape:
+                raise ValueError(
+                    f"sample {s['__key__']!r} is {a.shape[:2]} but {samples[0]['__key__']!r} is "
+                    f"{arrays[0].shape[:2]}: a batch needs one image size; ingest with a fixed size"
+                )
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        if self.augment:
+            x = self._augment_images(x)
+        return x.contiguous(), None
+
+    def _augment_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Random horizontal flip and a random crop of the zero-padded image (same size)."""
+        rng = self._random()
+        _, _, h, w = x.shape
+        pad = max(1, min(h, w) // 16)
+        padded = F.pad(x, (pad, pad, pad, pad))  # zeros = the mean colour after normalisation
+        out = torch.empty_like(x)
+        for i in range(x.shape[0]):
+            top, left = rng.integers(0, 2 * pad + 1, size=2)
+            crop = padded[i, :, top : top + h, left : left + w]
+            out[i] = crop.flip(-1) if rng.random() < 0.5 else crop
+        return out
+
+    def _load_tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer  # only text batches pay for the import
+
+            try:
+                tok = Tokenizer.from_file(self.tokenizer_path)
+            except Exception as e:
+                raise ValueError(
+                    f"cannot load tokenizer {self.tokenizer_path!r}: {e}; pass the tokenizer.json "
+                    "that `featx ingest` wrote beside the text shards"
+                ) from e
+            pad_id, unk_id = tok.token_to_id("[PAD]"), tok.token_to_id("[UNK]")
+            if pad_id != 0 or unk_id is None:
+                raise ValueError(
+                    f"tokenizer {self.tokenizer_path!r} maps [PAD] to {pad_id} and [UNK] to "
+                    f"{unk_id}; featx needs [PAD] = 0 and an [UNK] token: re-run `featx ingest`"
+                )
+            # The file's own padding/truncation settings would fight ours.
+            tok.no_padding()
+            tok.no_truncation()
+            self._tokenizer, self._unk_id = tok, unk_id
+        return self._tokenizer
+
+    def _texts(self, samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        for s in samples:
+            if not isinstance(s["text"], str):
+                raise ValueError(
+                    f"sample {s['__key__']!r}: text must be str, got {type(s['text'])}"
+                )
+        encodings = self._load_tokenizer().encode_batch([s["text"] for s in samples])
+        seqs = []
+        for enc in encodings:
+            # an empty text becomes one [UNK]: zero-length sequences cannot be packed or pooled
+            ids = enc.ids[: self.max_tokens] or [self._unk_id]
+            if self.augment and len(ids) > 1:
+                keep = self._random().random(len(ids)) >= TOKEN_DROPOUT
+                if not keep.any():
+                    keep[self._random().integers(len(ids))] = True
+                ids = [t for t, k in zip(ids, keep, strict=True) if k]
+            seqs.append(ids)
+        lengths = torch.tensor([len(ids) for ids in seqs], dtype=torch.long)
+        x = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+        for i, ids in enumerate(seqs):
+            x[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return x, lengths
+
+    def _audio(self, samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        waves = []
+        for s in samples:
+            a = np.asarray(s["audio"])
+            if a.ndim != 1 or not np.issubdtype(a.dtype, np.floating):
+                raise ValueError(
+                    f"sample {s['__key__']!r}: audio must be a 1-D float mono waveform, got "
+                    f"{a.dtype} {a.shape}; decode shards with featx.shards.decode_sample"
+                )
+            # an empty clip becomes one silent sample, so every length is at least 1
+            waves.append(a.astype(np.float32, copy=False) if a.size else np.zeros(1, np.float32))
+        if self.augment:
+            waves = [self._augment_wave(w) for w in waves]
+        lengths = torch.tensor([w.size for w in waves], dtype=torch.long)
+        x = torch.zeros(len(waves), int(lengths.max()), dtype=torch.float32)
+        for i, w in enumerate(waves):
+            x[i, : w.size] = torch.from_numpy(w)
+        return x, lengths
+
+    def _augment_wave(self, wave: np.ndarray) -> np.ndarray:
+        """Circular time shift within the clip and light noise; the length never changes."""
+        rng = self._random()
+        limit = int(AUDIO_SHIFT * wave.size)
+        shifted = np.roll(wave, int(rng.integers(-limit, limit + 1)))
+        noise = rng.normal(0.0, AUDIO_NOISE_STD, size=wave.size)
+        return np.clip(shifted + noise, -1.0, 1.0).astype(np.float32)
+
+
+def make_collate(
+    modality: str,
+    *,
+    tokenizer_path: str | os.PathLike | None = None,
+    max_tokens: int = 256,
+    augment: bool = False,
+    seed: int | None = None,
+) -> Batcher:
+    """The collate function for `modality`; see `Batcher` for the batch it returns."""
+    return Batcher(
+        modality, tokenizer_path=tokenizer_path, max_tokens=max_tokens, augment=augment, seed=seed
+    )

@@ -1,0 +1,23 @@
+"""Feature-extractor models: three encoder families (cnn, rnn, attention) x three modalities.
+
+`create_model(name, modality, num_classes, preset, **overrides)` builds one; every model has
+`forward_features(x, lengths) -> (B, feature_dim)` and `forward(x, lengths) -> logits`.
+"""
+
+# Importing the family modules registers them.
+from featx.models import attention, cnn, rnn  # noqa: F401
+from featx.models.audio import LogMel, mel_filterbank
+from featx.models.model import FeatureExtractor, FeatureModel
+from featx.models.registry import MODALITIES, PRESETS, create_model, list_models, register_model
+
+__all__ = [
+    "MODALITIES",
+    "PRESETS",
+    "FeatureExtractor",
+    "FeatureModel",
+    "LogMel",
+    "create_model",
+    "list_models",
+    "mel_filterbank",
+    "register_model",
+]

@@ -1,0 +1,104 @@
+"""CNN family: 2-D convs over images and log-mel spectrograms, 1-D convs over text embeddings.
+
+Padding never changes a sample's features: after every block the padded steps are zeroed again,
+so a conv near a clip's end sees the same zeros as at the border of the clip on its own, and the
+global mean counts valid steps only. Per-position LayerNorm instead of BatchNorm keeps that true
+in train mode too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featx.models.model import length_mask
+from featx.models.registry import register_model
+from featx.models.stems import AudioStem, ImageStem, TextStem
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channel axis of (B, C, ...), independently at every position."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class ConvBlock(nn.Module):
+    """3-wide conv (stride 1 or 2, zero padding 1) -> ChannelNorm -> GELU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, dims: int) -> None:
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        self.conv = conv(c_in, c_out, kernel_size=3, stride=stride, padding=1)
+        self.norm = ChannelNorm(c_out)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.norm(self.conv(x)))
+
+
+class ConvEncoder(nn.Module):
+    """Stages of one stride-2 block plus `depth` residual blocks; global mean pool to widths[-1].
+
+    `lengths` counts valid steps along the last axis (text tokens, audio frames); None = all valid.
+    """
+
+    def __init__(self, in_channels: int, widths: list[int], depth: int, dims: int) -> None:
+        super().__init__()
+        blocks = []
+        c = in_channels
+        for w in widths:
+            blocks.append(ConvBlock(c, w, stride=2, dims=dims))
+            blocks += [ConvBlock(w, w, stride=1, dims=dims) for _ in range(depth)]
+            c = w
+        self.blocks = nn.ModuleList(blocks)
+        self.feature_dim = widths[-1]
+
+    def _mask(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        if lengths is None:
+            return x
+        mask = length_mask(lengths, x.shape[-1]).to(x.dtype)  # (B, T)
+        return x * mask.view(x.shape[0], *([1] * (x.ndim - 2)), x.shape[-1])
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        x = self._mask(x, lengths)
+        for block in self.blocks:
+            if block.stride == 1:
+                x = x + block(x)
+            else:
+                x = block(x)
+                if lengths is not None:
+                    # kernel 3, padding 1, stride 2: T steps -> ceil(T / 2), for the batch and for
+                    # each clip alone, and output t reads inputs 2t-1..2t+1 in both cases
+                    lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
+            x = self._mask(x, lengths)
+        spatial = tuple(range(2, x.ndim))
+        if lengths is None:
+            return x.mean(dim=spatial)
+        per_step = x.shape[2:-1].numel()  # frequency bins of a spectrogram; 1 for text
+        return x.sum(dim=spatial) / (lengths * per_step).to(x.dtype).unsqueeze(-1)
+
+
+_SMALL = {"widths": [16, 32, 64], "depth": 1, "embed_dim": 64, "n_mels": 40, "dropout": 0.0}
+_BASE = {"widths": [64, 128, 256, 512], "depth": 2, "embed_dim": 256, "n_mels": 64, "dropout": 0.1}
+
+
+@register_model("cnn", presets={"small": _SMALL, "base": _BASE})
+def cnn(
+    modality: str, cfg: dict[str, Any], *, vocab_size: int | None, sample_rate: int
+) -> tuple[nn.Module, nn.Module]:
+    widths, depth = cfg["widths"], cfg["depth"]
+    if modality == "image":
+        return ImageStem(), ConvEncoder(3, widths, depth, dims=2)
+    if modality == "text":
+        stem = TextStem(vocab_size, cfg["embed_dim"], channels_first=True)
+        return stem, ConvEncoder(cfg["embed_dim"], widths, depth, dims=1)
+    stem = AudioStem(sample_rate, cfg["n_mels"])
+    return stem, ConvEncoder(1, widths, depth, dims=2)

@@ -1,0 +1,83 @@
+"""The one model contract: a modality stem, an encoder family, and a linear head.
+
+`forward_features(x, lengths) -> (B, feature_dim)` is what extraction keeps; `forward` adds the
+head for training. Composition, not inheritance: any stem pairs with any encoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    feature_dim: int
+    model_name: str
+    modality: str
+    preset: str
+    config: dict[str, Any]
+
+    def forward_features(
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+    def __call__(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B, max_len) bool, True at valid steps."""
+    return torch.arange(max_len, device=lengths.device) < lengths[:, None]
+
+
+def masked_mean(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the step axis of (B, S, D), counting only each row's first `lengths` steps."""
+    if lengths is None:
+        return x.mean(dim=1)
+    mask = length_mask(lengths, x.shape[1]).unsqueeze(-1).to(x.dtype)  # (B, S, 1)
+    return (x * mask).sum(dim=1) / lengths.clamp(min=1).unsqueeze(-1).to(x.dtype)
+
+
+class FeatureModel(nn.Module):
+    """stem -> encoder -> (B, feature_dim) features -> dropout -> linear head -> logits."""
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        encoder: nn.Module,
+        num_classes: int,
+        dropout: float,
+        *,
+        model_name: str,
+        modality: str,
+        preset: str,
+        config: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        self.encoder = encoder
+        self.feature_dim: int = encoder.feature_dim
+        self.head_drop = nn.Dropout(dropout)
+        self.head = nn.Linear(self.feature_dim, num_classes)
+        self.model_name = model_name
+        self.modality = modality
+        self.preset = preset
+        self.config = config
+
+    def forward_features(
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h, lengths = self.stem(x, lengths)
+        return self.encoder(h, lengths)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        # Raw logits: cross-entropy wants them unbounded, so no activation after the head.
+        return self.head(self.head_drop(features))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, lengths))
+
+    def extra_repr(self) -> str:
+        return f"model_name={self.model_name!r}, modality={self.modality!r}, preset={self.preset!r}"

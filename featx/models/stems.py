@@ -1,0 +1,97 @@
+"""Modality stems: turn a collated batch into the grid or sequence an encoder family reads.
+
+Each stem returns `(h, lengths)`: a grid (B, C, ..., T) for CNNs or a sequence (B, S, D) for RNNs
+and attention, plus valid step counts along T or S (None when every step is valid, as for images).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from featx.models.audio import LogMel
+from featx.models.model import length_mask
+
+
+def _full_lengths(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    if lengths is None:
+        return torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+    return lengths.to(device=x.device, dtype=torch.long)
+
+
+class ImageStem(nn.Module):
+    """(B, 3, H, W) normalised images, passed through as a grid or cut into patch embeddings.
+
+    With `dim`, patches of `patch_size` pixels become a raster-order sequence (B, h*w, dim), as in
+    ViT; pixels beyond the last whole patch are dropped. `lengths` is ignored: images are dense.
+    """
+
+    def __init__(self, dim: int | None = None, patch_size: int = 8) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.patch = None if dim is None else nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"image input must be (B, 3, H, W) floats, got {tuple(x.shape)}")
+        if self.patch is None:
+            return x, None
+        if min(x.shape[-2:]) < self.patch_size:
+            raise ValueError(
+                f"image of {tuple(x.shape[-2:])} pixels is smaller than one patch "
+                f"({self.patch_size}); pass patch_size=<smaller> to create_model"
+            )
+        return self.patch(x).flatten(2).transpose(1, 2), None
+
+
+class TextStem(nn.Module):
+    """(B, S) token ids padded with 0 -> embeddings (B, S, dim), or (B, dim, S) for a 1-D CNN."""
+
+    def __init__(self, vocab_size: int, dim: int, channels_first: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.channels_first = channels_first
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if x.ndim != 2 or x.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"text input must be (B, S) integer token ids, got {x.dtype} {x.shape}"
+            )
+        lengths = _full_lengths(x, lengths)
+        h = self.embed(x)
+        return (h.transpose(1, 2) if self.channels_first else h), lengths
+
+
+class AudioStem(nn.Module):
+    """(B, T) waveforms -> normalised log-mel frames, as (B, 1, n_mels, F) or projected (B, F, dim).
+
+    Each clip is standardised with one mean and std over its own valid frames and bins (a scalar,
+    so the spectral shape that tells tones apart survives), then its padded frames are set to 0:
+    the same zeros a convolution sees past the end of a clip that was never padded.
+    """
+
+    def __init__(self, sample_rate: int, n_mels: int, dim: int | None = None) -> None:
+        super().__init__()
+        self.logmel = LogMel(sample_rate=sample_rate, n_mels=n_mels)
+        self.proj = None if dim is None else nn.Linear(n_mels, dim)
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if x.ndim != 2 or not x.is_floating_point():
+            raise ValueError(f"audio input must be (B, T) float waveforms, got {x.dtype} {x.shape}")
+        lengths = _full_lengths(x, lengths)
+        feats = self.logmel(x)  # (B, F, n_mels)
+        frames = self.logmel.frame_lengths(lengths)
+        mask = length_mask(frames, feats.shape[1]).unsqueeze(-1).to(feats.dtype)  # (B, F, 1)
+        count = (frames * feats.shape[2]).to(feats.dtype)[:, None, None]
+        mean = (feats * mask).sum(dim=(1, 2), keepdim=True) / count
+        var = ((feats - mean).square() * mask).sum(dim=(1, 2), keepdim=True) / count
+        feats = (feats - mean) * torch.rsqrt(var + 1e-5) * mask
+        if self.proj is None:
+            return feats.transpose(1, 2).unsqueeze(1), frames
+        return self.proj(feats), frames

@@ -1,0 +1,297 @@
+"""Every registered model x modality honours the contract; LogMel matches a numpy reference."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from featx.models import MODALITIES, PRESETS, LogMel, create_model, list_models, mel_filterbank
+
+VOCAB = 50
+COMBOS = [(name, modality) for name in list_models() for modality in MODALITIES]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread: intra-op sync costs more than it saves, and on a
+    shared machine OpenMP spin-waits can make two threads 100x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build(name: str, modality: str, num_classes: int = 3, **kw) -> torch.nn.Module:
+    return create_model(name, modality, num_classes, vocab_size=VOCAB, **kw)
+
+
+def sample(modality: str, length: int, gen: torch.Generator) -> torch.Tensor:
+    """One unbatched text (token ids, never the pad id) or audio (waveform in [-1, 1]) sample."""
+    if modality == "text":
+        return torch.randint(2, VOCAB, (length,), generator=gen)
+    return torch.rand(length, generator=gen) * 2 - 1
+
+
+def pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([s.numel() for s in seqs])
+    x = torch.zeros(len(seqs), int(lengths.max()), dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        x[i, : s.numel()] = s
+    return x, lengths
+
+
+def batch(modality: str, size: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    if modality == "image":
+        return torch.randn(size, 3, 32, 32, generator=gen), None
+    lengths = [5, 9, 3, 12] if modality == "text" else [1600, 2400, 800, 3200]
+    return pad([sample(modality, n, gen) for n in lengths[:size]])
+
+
+@pytest.mark.parametrize("name,modality", COMBOS)
+def test_shapes_and_finite(name, modality):
+    model = build(name, modality).eval()
+    x, lengths = batch(modality)
+    with torch.no_grad():
+        feats = model.forward_features(x, lengths)
+        logits = model(x, lengths)
+    assert feats.shape == (4, model.feature_dim)
+    assert logits.shape == (4, 3)
+    assert feats.dtype == torch.float32
+    assert torch.isfinite(feats).all() and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name,modality", COMBOS)
+def test_identity_and_config(name, modality):
+    model = build(name, modality)
+    assert (model.model_name, model.modality, model.preset) == (name, modality, "small")
+    assert json.loads(json.dumps(model.config)) == model.config
+    rebuilt = create_model(**json.loads(json.dumps(model.config)))
+    assert rebuilt.config == model.config
+    assert str(rebuilt) == str(model)
+
+
+@pytest.mark.parametrize("name,modality", COMBOS)
+def test_gradients_reach_every_parameter(name, modality):
+    torch.manual_seed(0)
+    model = build(name, modality).train()
+    x, lengths = batch(modality)
+    loss = torch.nn.functional.cross_entropy(model(x, lengths), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert p.grad.abs().sum() > 0, f"{pname} got an all-zero gradient"
+
+
+@pytest.mark.parametrize("name,modality", COMBOS)
+def test_padding_never_changes_features(name, modality):
+    torch.manual_seed(0)
+    model = build(name, modality).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if modality == "image":
+            x = torch.randn(3, 3, 32, 32, generator=gen)
+            alone = model.forward_features(x[1:2])
+            together = model.forward_features(x)[1:2]
+            torch.testing.assert_close(alone, together, atol=1e-5, rtol=0)
+            return
+        short_n, long_n = (7, 19) if modality == "text" else (2345, 5003)
+        short, long = sample(modality, short_n, gen), sample(modality, long_n, gen)
+        x, lengths = pad([short, long])
+        together = model.forward_features(x, lengths)
+        alone_short = model.forward_features(short[None], torch.tensor([short_n]))
+        alone_long = model.forward_features(long[None], torch.tensor([long_n]))
+        # lengths=None means "all valid", the same as passing the full length
+        assert torch.equal(model.forward_features(short[None]), alone_short)
+    torch.testing.assert_close(together[0:1], alone_short, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[1:2], alone_long, atol=1e-5, rtol=0)
+    # and the garbage in padded positions is not what made it equal
+    assert not torch.allclose(alone_short, alone_long, atol=1e-3)
+
+
+@pytest.mark.parametrize("name,modality", COMBOS)
+def test_seeded_builds_are_identical(name, modality):
+    x, lengths = batch(modality)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build(name, modality).eval()
+        with torch.no_grad():
+            outs.append(model(x, lengths))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name,modality", COMBOS)
+def test_checkpoint_round_trip(name, modality, tmp_path):
+    torch.manual_seed(0)
+    model = build(name, modality).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "featx.json").write_text(json.dumps(model.config))
+
+    torch.manual_seed(123)  # a different init, so equality must come from the loaded weights
+    fresh = create_model(**json.loads((tmp_path / "featx.json").read_text()))
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    fresh.eval()
+    x, lengths = batch(modality)
+    with torch.no_grad():
+        assert torch.equal(model(x, lengths), fresh(x, lengths))
+
+
+@pytest.mark.parametrize("name,modality", COMBOS)
+def test_logits_are_not_rectified(name, modality):
+    model = build(name, modality).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(-1.5)
+        logits = model(*batch(modality))
+    torch.testing.assert_close(logits, torch.full_like(logits, -1.5))
+
+
+@pytest.mark.parametrize("name,modality", COMBOS)
+def test_base_preset_builds(name, modality):
+    small, base = build(name, modality), build(name, modality, preset="base")
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(base) > 3 * n(small)
+    assert base.config["preset"] == "base"
+
+
+def test_cnn_takes_any_image_size():
+    model = build("cnn", "image").eval()
+    with torch.no_grad():
+        a = model.forward_features(torch.randn(2, 3, 32, 32))
+        b = model.forward_features(torch.randn(2, 3, 48, 40))
+        c = model.forward_features(torch.randn(1, 3, 7, 9))
+    assert a.shape == b.shape == (2, model.feature_dim)
+    assert c.shape == (1, model.feature_dim)
+
+
+@pytest.mark.parametrize("name", ["rnn", "attention"])
+def test_patch_models_take_other_image_sizes(name):
+    model = build(name, "image").eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 24, 40)).shape == (2, 3)
+    with pytest.raises(ValueError, match="patch_size"):
+        model(torch.randn(1, 3, 4, 4))
+
+
+def test_overrides_change_the_architecture():
+    model = build("rnn", "text", cell="lstm", hidden=16, bidirectional=False)
+    assert isinstance(model.encoder.rnn, torch.nn.LSTM)
+    assert model.feature_dim == 16
+    assert model.config["cell"] == "lstm"
+    cnn = build("cnn", "image", widths=(8, 12))
+    assert cnn.feature_dim == 12 and cnn.config["widths"] == [8, 12]
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(ValueError, match="known models: attention, cnn, rnn"):
+        build("resnet", "image")
+    with pytest.raises(ValueError, match="known modalities: image, text, audio"):
+        build("cnn", "video")
+    with pytest.raises(ValueError, match="known presets: small, base"):
+        build("cnn", "image", preset="huge")
+    with pytest.raises(ValueError, match="valid fields: .*hidden"):
+        build("rnn", "image", hiden=32)
+
+
+def test_bad_values_are_all_reported_at_once():
+    with pytest.raises(ValueError) as err:
+        create_model("attention", "text", 0, d_model=30, num_heads=4)
+    message = str(err.value)
+    assert "num_classes=0" in message and "vocab_size" in message and "divisible" in message
+    with pytest.raises(ValueError, match="cell='rnn' should be one of: gru, lstm"):
+        build("rnn", "audio", cell="rnn")
+    with pytest.raises(ValueError, match="hidden=-1"):
+        build("rnn", "audio", hidden=-1)
+    with pytest.raises(ValueError, match="dropout"):
+        build("cnn", "audio", dropout=1.5)
+
+
+def test_text_needs_vocab_size():
+    with pytest.raises(ValueError, match="vocab_size"):
+        create_model("cnn", "text", 3)
+
+
+def test_attention_reports_inputs_longer_than_max_len():
+    model = build("attention", "text", max_len=8).eval()
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.ones(1, 9, dtype=torch.long))
+
+
+def test_presets_share_fields_and_are_json():
+    for name in list_models():
+        assert set(PRESETS[name]) >= {"small", "base"}
+        assert json.loads(json.dumps(PRESETS[name])) == PRESETS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# LogMel against an independent numpy implementation
+
+
+def reference_filterbank(n_freqs: int, n_mels: int, sr: int) -> np.ndarray:
+    """Triangles written out filter by filter, HTK mel scale, no normalisation."""
+    mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)  # noqa: E731
+    inv = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)  # noqa: E731
+    top = mel(sr / 2)
+    edges = [inv(top * i / (n_mels + 1)) for i in range(n_mels + 2)]
+    fb = np.zeros((n_freqs, n_mels))
+    for m in range(n_mels):
+        lo, mid, hi = edges[m], edges[m + 1], edges[m + 2]
+        for k in range(n_freqs):
+            f = k * (sr / 2) / (n_freqs - 1)
+            if lo <= f <= mid:
+                fb[k, m] = (f - lo) / (mid - lo)
+            elif mid < f <= hi:
+                fb[k, m] = (hi - f) / (hi - mid)
+    return fb
+
+
+def reference_logmel(wave: np.ndarray, sr: int, n_mels: int) -> np.ndarray:
+    n_fft, hop = round(0.025 * sr), round(0.010 * sr)
+    padded = np.pad(wave.astype(np.float64), n_fft // 2)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
+    frames = np.stack(
+        [padded[t * hop : t * hop + n_fft] * window for t in range(1 + len(wave) // hop)]
+    )
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    return np.log(power @ reference_filterbank(n_fft // 2 + 1, n_mels, sr) + 1e-6)
+
+
+@pytest.mark.parametrize("sr,n_mels", [(16000, 40), (16000, 64), (8000, 23), (22050, 80)])
+def test_filterbank_matches_reference(sr, n_mels):
+    n_fft = round(0.025 * sr)
+    ours = mel_filterbank(n_fft // 2 + 1, n_mels, sr).numpy()
+    np.testing.assert_allclose(ours, reference_filterbank(n_fft // 2 + 1, n_mels, sr), atol=1e-6)
+    assert (ours.sum(axis=0) > 0).all(), "no empty filters"
+
+
+@pytest.mark.parametrize("sr", [16000, 8000])
+def test_logmel_matches_reference(sr):
+    wave = np.random.default_rng(0).uniform(-1, 1, size=sr // 4 + 37).astype(np.float32)
+    logmel = LogMel(sample_rate=sr, n_mels=40)
+    ours = logmel(torch.from_numpy(wave)[None])[0].numpy()
+    ref = reference_logmel(wave, sr, 40)
+    assert ours.shape == ref.shape
+    assert int(logmel.frame_lengths(torch.tensor([wave.size]))) == ref.shape[0]
+    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("freq", [300.0, 1000.0, 2500.0, 6000.0])
+def test_pure_tone_peaks_in_its_mel_bin(freq):
+    sr, n_mels = 16000, 40
+    t = torch.arange(sr // 2) / sr
+    logmel = LogMel(sample_rate=sr, n_mels=n_mels)
+    energy = logmel((0.5 * torch.sin(2 * math.pi * freq * t))[None])[0, 2:-2].mean(dim=0)
+    peak = int(energy.argmax())
+    # the bin whose triangle weighs the tone's FFT bin most
+    fft_bin = round(freq / (sr / 2) * (logmel.fbank.shape[0] - 1))
+    assert peak == int(logmel.fbank[fft_bin].argmax())
+    # and that triangle's support contains the frequency
+    mel = 2595.0 * math.log10(1 + freq / 700)
+    top = 2595.0 * math.log10(1 + sr / 2 / 700)
+    step = top / (n_mels + 1)
+    assert peak * step < mel < (peak + 2) * step
