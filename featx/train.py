@@ -1,0 +1,637 @@
+"""Distributed training with Ray Train: DDP over CPU (gloo) or GPU (NCCL) workers.
+
+Ray Data reads the shards and splits the train split across workers (members arrive as raw
+bytes; featx decodes them, nothing is unpickled). Each epoch rank 0 evaluates, reports and
+checkpoints a self-contained model directory; Ray Train restarts failed workers from the latest
+checkpoint, and running the same command again resumes a run whose driver died.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from featx.config import ConfigError, StageConfig
+from featx.ingest import load_card
+
+log = logging.getLogger(__name__)
+
+RAY_RUN = "ray"  # Ray Train's run folder inside RUN_DIR
+STATE_FILE = "train_state.pt"
+KEYS_DIR = "keys"
+
+
+class TrainConfig(StageConfig):
+    """Options of `featx train`."""
+
+    dataset: Path = Field(description="Output folder of `featx ingest` (has dataset.json).")
+    out: Path = Field(description="RUN_DIR: checkpoints, best/, metrics.csv, curves.png.")
+    model: Literal["cnn", "rnn", "attention"] = Field("cnn", description="Encoder family.")
+    preset: str = Field("small", description="Model size preset (small, base).")
+    workers: int = Field(2, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
+    gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16 autocast.")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs reserved per worker; default leaves one CPU to Ray Data."
+    )
+    epochs: int = Field(5, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, description="Per-worker batch size.")
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    augment: bool = Field(True, description="Light training augmentation.")
+    seed: int = Field(0)
+    keep: int = Field(3, ge=1, description="Checkpoints kept, best by validation loss.")
+    max_failures: int = Field(1, ge=-1, description="Worker failures survived (-1: any).")
+    max_tokens: int = Field(256, ge=1, description="Text: tokens per sample.")
+    log_keys: bool = Field(False, description="Write each rank's sample keys per epoch.")
+    ray_address: str | None = Field(None, description="Ray cluster; default RAY_ADDRESS/local.")
+    overwrite: bool = Field(False, description="Start RUN_DIR afresh instead of resuming.")
+
+    def check_paths(self) -> None:
+        problems = []
+        try:
+            card = load_card(self.dataset)
+        except FileNotFoundError as e:
+            raise ConfigError([f"dataset: {e}"]) from None
+        if len(card["classes"]) < 2:
+            problems.append(
+                f"dataset: {self.dataset} has {len(card['classes'])} classes; training needs "
+                "labelled data with at least 2 (class folders or a manifest `label` column)"
+            )
+        if card["counts"].get("train", {}).get("total", 0) == 0:
+            problems.append(f"dataset: {self.dataset} has no train samples")
+        from featx.models import PRESETS
+
+        if self.preset not in PRESETS[self.model]:
+            problems.append(f"preset: {self.preset!r} unknown; known: {list(PRESETS[self.model])}")
+        if self.out.exists() and not self.out.is_dir():
+            problems.append(f"out: {self.out} exists and is not a folder")
+        if problems:
+            raise ConfigError(problems)
+
+    def run_fingerprint(self) -> dict:
+        """What a resumed run must share with the run it resumes."""
+        return self.model_dump(
+            mode="json", include={"model", "preset", "batch_size", "lr", "seed", "workers"}
+        )
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    best_dir: str
+    epochs: int
+    best_val_loss: float | None
+    best_val_accuracy: float | None
+    metrics: list[dict]
+    seconds: float
+    resumed_from_epoch: int = 0
+    up_to_date: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train `cfg.model` on `cfg.dataset` with Ray Train; returns the best model directory."""
+    t0 = time.perf_counter()
+    cfg.check_paths()
+    card = load_card(cfg.dataset)
+    out = cfg.out.resolve()
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / "run.json"
+    if run_file.exists():
+        prior = json.loads(run_file.read_text())
+        if prior["config"] != cfg.run_fingerprint() or prior["dataset"] != card["fingerprint"]:
+            raise ConfigError(
+                [
+                    f"out: {out} holds a run with other settings or data ({prior['config']}); "
+                    "use the same options, another --out, or --overwrite"
+                ]
+            )
+        last = _latest_state(out)
+        if last and last.get("epoch", 0) >= cfg.epochs:
+            _publish(out)  # the driver may have died between the last checkpoint and here
+            return _result(out, cfg, t0, up_to_date=True)
+    else:
+        from featx.fsutil import atomic_write_text
+
+        run = {"config": cfg.run_fingerprint(), "dataset": card["fingerprint"]}
+        atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    _ensure_ray(cfg.ray_address)
+    total_cpus = float(ray.cluster_resources().get("CPU", 1))
+    cpus = cfg.cpus_per_worker or _default_cpus_per_worker(total_cpus, cfg.workers, cfg.gpu)
+    if cpus * cfg.workers > total_cpus:
+        raise ConfigError(
+            [
+                f"workers: {cfg.workers} workers x {cpus} CPUs exceed the cluster's {total_cpus:g} "
+                "CPUs; lower --workers or --cpus-per-worker"
+            ]
+        )
+    dataset = cfg.dataset.resolve()
+    datasets = {
+        split: _read_split(dataset, card, split, cfg.batch_size)
+        for split in ("train", "val")
+        if card["counts"].get(split, {}).get("total", 0)
+    }
+    loop_config = {
+        "dataset": str(dataset),
+        "card": card,
+        "model": cfg.model,
+        "preset": cfg.preset,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "warmup": cfg.warmup,
+        "grad_clip": cfg.grad_clip,
+        "augment": cfg.augment,
+        "seed": cfg.seed,
+        "max_tokens": cfg.max_tokens,
+        "threads": max(1, int(cpus)),
+        "key_dir": str(out / KEYS_DIR) if cfg.log_keys else None,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=RunConfig(
+            name=RAY_RUN,
+            storage_path=str(out),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep,
+                checkpoint_score_attribute="val_loss" if "val" in datasets else "train_loss",
+                checkpoint_score_order="min",
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=_split_train_only(),
+    )
+    latest = _latest_state(out)
+    resumed = latest["epoch"] if latest else 0
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    _publish(out)
+    return _result(out, cfg, t0, resumed_from_epoch=resumed)
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-worker loop (runs inside Ray Train workers)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from ray.train import Checkpoint
+    from ray.train.torch import prepare_model
+
+    from featx.batching import make_collate
+    from featx.checkpoint import save_model_dir
+    from featx.models import create_model
+
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    card, dataset = config["card"], Path(config["dataset"])
+    modality = card["modality"]
+    tokenizer = str(dataset / card["tokenizer"]) if card.get("tokenizer") else None
+    vocab = None
+    if tokenizer:
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(tokenizer).get_vocab_size()
+    torch.manual_seed(config["seed"])
+    model = create_model(
+        config["model"],
+        modality,
+        len(card["classes"]),
+        config["preset"],
+        vocab_size=vocab,
+        sample_rate=card["normalisation"].get("sample_rate", 16000),
+    )
+    device = ray.train.torch.get_device()
+    use_cuda = device.type == "cuda"
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config["lr"],
+    )
+    n_train = card["counts"]["train"]["total"]
+    steps_per_epoch = max(1, math.ceil(n_train / world / config["batch_size"]))
+    total_steps = steps_per_epoch * config["epochs"]
+    warmup = max(1, int(config["warmup"] * total_steps))
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(torch.load(Path(d) / "model.pt", weights_only=True))
+            state = torch.load(Path(d) / STATE_FILE, weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch = int(state["epoch"])
+            history = json.loads((Path(d) / "featx.json").read_text())["metrics"]["history"]
+        if rank == 0:
+            log.info("resuming from the checkpoint of epoch %d", start_epoch)
+    ddp = prepare_model(model)
+    net = ddp.module if hasattr(ddp, "module") else ddp
+
+    train_it = ray.train.get_dataset_shard("train")
+    val_it = ray.train.get_dataset_shard("val") if rank == 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda)
+
+    def batches(it, collate, shuffle_seed=None):
+        for raw in it.iter_batches(
+            batch_size=config["batch_size"],
+            batch_format="numpy",
+            prefetch_batches=2,
+            local_shuffle_buffer_size=8 * config["batch_size"]
+            if shuffle_seed is not None
+            else None,
+            local_shuffle_seed=shuffle_seed,
+        ):
+            batch = collate(_rows(raw))
+            x = batch["x"].pin_memory() if use_cuda else batch["x"]
+            lengths = batch["lengths"]
+            yield (
+                x.to(device, non_blocking=True),
+                None if lengths is None else lengths.to(device),
+                batch["labels"].to(device),
+                batch["keys"],
+            )
+
+    for epoch in range(start_epoch, config["epochs"]):
+        collate = make_collate(
+            modality,
+            tokenizer_path=tokenizer,
+            max_tokens=config["max_tokens"],
+            augment=config["augment"],
+            seed=config["seed"] + 1000 * epoch + rank,
+        )
+        ddp.train()
+        t_epoch = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        keys_seen: list[str] = []
+        last = None
+        for batch in _in_step(batches(train_it, collate, config["seed"] + epoch), world):
+            # A rank whose split ran out steps on its last batch with zero weight, so every
+            # rank takes the same optimizer steps and the replicas never drift apart.
+            real = batch is not None
+            x, lengths, labels, keys = batch if real else last or _dummy_batch(card, device)
+            with autocast:
+                logits = ddp(x, lengths)
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            (loss if real else loss * 0.0).backward()
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), config["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            if real:
+                last = batch
+                loss_sum += loss.item() * len(labels)
+                correct += (logits.argmax(1) == labels).sum().item()
+                seen += len(labels)
+                if config["key_dir"]:
+                    keys_seen += keys
+        seconds = time.perf_counter() - t_epoch
+        totals = torch.tensor([loss_sum, correct, seen, seen / max(seconds, 1e-9)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": totals[0].item() / max(totals[2].item(), 1),
+            "train_accuracy": totals[1].item() / max(totals[2].item(), 1),
+            "samples": int(totals[2].item()),
+            "samples_per_s_worker": seen / max(seconds, 1e-9),
+            "samples_per_s_total": totals[3].item(),
+            "epoch_seconds": seconds,
+            "lr": scheduler.get_last_lr()[0],
+        }
+        if config["key_dir"]:
+            kd = Path(config["key_dir"])
+            kd.mkdir(parents=True, exist_ok=True)
+            (kd / f"epoch{epoch + 1}-rank{rank}.txt").write_text("\n".join(keys_seen))
+        if rank == 0:
+            if val_it is not None:
+                metrics.update(
+                    _evaluate(
+                        net,
+                        batches(
+                            val_it,
+                            make_collate(
+                                modality, tokenizer_path=tokenizer, max_tokens=config["max_tokens"]
+                            ),
+                        ),
+                        autocast,
+                    )
+                )
+            history.append(metrics)
+            log.info(
+                "epoch %d/%d  train_loss %.4f  val_loss %s  val_acc %s  %.0f samples/s",
+                epoch + 1,
+                config["epochs"],
+                metrics["train_loss"],
+                _fmt(metrics.get("val_loss")),
+                _fmt(metrics.get("val_accuracy")),
+                metrics["samples_per_s_total"],
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                save_model_dir(
+                    Path(tmp),
+                    net,
+                    card,
+                    dataset,
+                    {"last": metrics, "history": history},
+                    extra={"epoch": epoch + 1},
+                )
+                torch.save(
+                    {
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch + 1,
+                    },
+                    Path(tmp) / STATE_FILE,
+                )
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+def _evaluate(net, batches, autocast) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    net.eval()
+    loss_sum = correct = n = 0.0
+    with torch.inference_mode():
+        for x, lengths, labels, _ in batches:
+            with autocast:
+                logits = net(x, lengths)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            n += len(labels)
+    net.train()
+    return {"val_loss": loss_sum / max(n, 1), "val_accuracy": correct / max(n, 1)}
+
+
+def _rows(raw: dict) -> list[dict]:
+    from featx.shards import decode_sample
+
+    cols = [c for c in raw if c != "__url__"]
+    n = len(raw["__key__"])
+    return [decode_sample({c: raw[c][i] for c in cols if raw[c][i] is not None}) for i in range(n)]
+
+
+def _dummy_batch(card: dict, device):
+    """A one-sample batch for a rank that got no data at all (fewer blocks than ranks)."""
+    import torch
+
+    norm = card["normalisation"]
+    if card["modality"] == "image":
+        size = norm["image_size"]
+        x, lengths = torch.zeros(1, 3, size, size), None
+    elif card["modality"] == "text":
+        x, lengths = torch.ones(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long)
+    else:
+        n = norm["sample_rate"] // 10
+        x, lengths = torch.zeros(1, n), torch.tensor([n])
+    lengths = None if lengths is None else lengths.to(device)
+    return x.to(device), lengths, torch.zeros(1, dtype=torch.long, device=device), []
+
+
+def _in_step(batches, world: int):
+    """Yield each local batch, then None until every rank has run out (one all-reduce a step).
+
+    Ray's equal split would drop up to world-1 rows an epoch; an unequal split covers every
+    row once, and this keeps the ranks in lock-step while their counts differ by a batch.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        yield from batches
+        return
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        flag = torch.tensor([0 if batch is None else 1])
+        dist.all_reduce(flag)
+        if flag.item() == 0:
+            return
+        yield batch
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# driver helpers
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Ray Data's internals trip a pandas deprecation warning in every worker; it is not ours.
+    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if address:
+        ray.init(address=address, runtime_env=env)
+    else:
+        # A local Ray; its dashboard (and the state API Ray Train uses) binds to 127.0.0.1.
+        ray.init(dashboard_host="127.0.0.1", runtime_env=env)
+
+
+def _default_cpus_per_worker(total: float, workers: int, gpu: bool) -> float:
+    """Leave one CPU (half on a 1-CPU machine) to Ray Data's read tasks so ingest never starves."""
+    reserve = 1.0 if total >= 2 else 0.5
+    share = (total - reserve) / workers
+    if share <= 0:
+        raise ConfigError(
+            [f"workers: {workers} workers cannot fit on {total:g} CPUs with one left for Ray Data"]
+        )
+    # Whole CPUs where they are available, so torch threads map to cores.
+    return math.floor(share) if share >= 1 else round(share, 3)
+
+
+def _read_split(dataset: Path, card: dict, split: str, batch_size: int):
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    # featx reports per epoch; Ray Data's per-execution bars would flood the terminal.
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+    paths = [str(dataset / s["shard"]) for s in card["shards"] if s["split"] == split]
+    # decoder=None: members stay raw bytes; featx decodes them in the worker.
+    ds = ray.data.read_webdataset(paths, decoder=None, override_num_blocks=len(paths))
+    # Re-chunk into batch-sized blocks (fused into the read task, zero-copy) so the streaming
+    # split hands work out at batch granularity and the ranks' shares differ by a batch at most.
+    return ds.map_batches(
+        _identity, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True
+    )
+
+
+def _identity(batch):
+    return batch
+
+
+def _split_train_only():
+    """Split only `train` across workers, without dropping rows (Ray's default split is equal,
+    which drops the remainder); rank 0 reads all of `val`."""
+    from ray.train import DataConfig
+
+    class SplitTrain(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kw):
+            output = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = DataConfig.default_ingest_options()
+                if name == "train":
+                    splits = ds.streaming_split(world_size, equal=False)
+                    for i, it in enumerate(splits):
+                        output[i][name] = it
+                else:
+                    for i in range(world_size):
+                        output[i][name] = ds.iterator()
+            return output
+
+    return SplitTrain(datasets_to_split=["train"])
+
+
+def _checkpoints(out: Path) -> list[tuple[Path, dict]]:
+    """Complete checkpoints Ray Train kept in RUN_DIR, oldest first, with their featx.json."""
+    found = []
+    for meta in (out / RAY_RUN).glob("checkpoint_*/featx.json"):
+        found.append((meta.parent, json.loads(meta.read_text())))
+    return sorted(found, key=lambda cm: cm[1]["epoch"])
+
+
+def _latest_state(out: Path) -> dict | None:
+    ckpts = _checkpoints(out)
+    return ckpts[-1][1] if ckpts else None
+
+
+def _history(model_dir: Path) -> list[dict]:
+    return json.loads((model_dir / "featx.json").read_text())["metrics"]["history"]
+
+
+def _publish(out: Path) -> None:
+    """Copy the best kept checkpoint (by validation loss) to RUN_DIR/best; write the curves."""
+    ckpts = _checkpoints(out)
+    if not ckpts:
+        raise RuntimeError(f"training finished without a checkpoint in {out / RAY_RUN}")
+
+    def score(cm):
+        last = cm[1]["metrics"]["last"]
+        return last.get("val_loss", last["train_loss"])
+
+    best_dir, best_meta = min(ckpts, key=score)
+    current = out / "best" / "featx.json"
+    if not current.exists() or json.loads(current.read_text()) != best_meta:
+        tmp, old = out / ".best.tmp", out / ".best.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(best_dir, tmp, ignore=shutil.ignore_patterns(STATE_FILE))
+        if (out / "best").exists():
+            (out / "best").rename(old)
+        tmp.rename(out / "best")
+        shutil.rmtree(old, ignore_errors=True)
+    write_metrics(out, ckpts[-1][1]["metrics"]["history"])
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    import pandas as pd
+
+    from featx.fsutil import atomic_write_text
+
+    fields = sorted({k for row in history for k in row}, key=_metric_order)
+    text = pd.DataFrame(history, columns=fields).to_csv(index=False, float_format="%.6g")
+    atomic_write_text(out / "metrics.csv", text)
+    plot_curves(history, out / "curves.png")
+
+
+def _metric_order(name: str) -> tuple:
+    order = ["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, ax in (("loss", ax1), ("accuracy", ax2)):
+        for split in ("train", "val"):
+            values = [h.get(f"{split}_{key}") for h in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _result(out: Path, cfg: TrainConfig, t0: float, **kw) -> TrainResult:
+    history = _history(out / "best") if (out / "best").exists() else []
+    latest = _latest_state(out)
+    if latest:
+        history = latest["metrics"]["history"]
+    best_meta = json.loads((out / "best" / "featx.json").read_text())
+    best = best_meta["metrics"]["last"]
+    return TrainResult(
+        run_dir=str(out),
+        best_dir=str(out / "best"),
+        epochs=len(history),
+        best_val_loss=best.get("val_loss"),
+        best_val_accuracy=best.get("val_accuracy"),
+        metrics=history,
+        seconds=round(time.perf_counter() - t0, 2),
+        **kw,
+    )

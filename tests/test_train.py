@@ -1,0 +1,239 @@
+"""Training with Ray Train: 2 workers on 2 CPU cores, coverage, learning, checkpoints, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featx.config import ConfigError
+from featx.ingest import ingest, load_card
+from featx.train import TrainConfig, _default_cpus_per_worker
+
+FEATX = [sys.executable, "-m", "featx.cli"]
+
+
+def colour_images(root: Path, n: int = 96, seed: int = 0) -> Path:
+    """Two learnable classes: reddish vs bluish noisy images."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        label = ("red", "blue")[i % 2]
+        base = np.array([200, 40, 40] if label == "red" else [40, 40, 200], dtype=float)
+        arr = np.clip(base + rng.normal(0, 50, (24, 24, 3)), 0, 255).astype(np.uint8)
+        path = root / label / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("train")
+    src = colour_images(tmp / "src")
+    out = tmp / "shards"
+    from featx.config import IngestConfig
+
+    ingest(IngestConfig.parse(src=src, out=out, image_size=16, shard_samples=8, val_fraction=0.25))
+    return out
+
+
+def train_keys(dataset: Path) -> set[str]:
+    keys = set()
+    for stats in (dataset / "train").glob("*_stats.json"):
+        keys |= {e["key"] for e in json.loads(stats.read_text())["entries"]}
+    return keys
+
+
+def run_cli(*args, timeout=300, **kw):
+    return subprocess.run(
+        [*FEATX, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw
+    )
+
+
+def test_cpu_budget_leaves_ray_data_a_cpu():
+    assert _default_cpus_per_worker(2, 2, False) == 0.5
+    assert _default_cpus_per_worker(8, 2, False) == 3
+    assert _default_cpus_per_worker(1, 4, False) == 0.125
+    with pytest.raises(ConfigError, match="cannot fit"):
+        _default_cpus_per_worker(0.5, 2, False)
+
+
+def test_bad_train_config_stops_before_work(tmp_path, shards):
+    with pytest.raises(ConfigError, match="did you run `featx ingest"):
+        TrainConfig.parse(dataset=tmp_path, out=tmp_path / "run").check_paths()
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.parse(dataset=shards, out=tmp_path / "run", epochs=0, model="mlp")
+    assert "epochs" in str(e.value) and "model" in str(e.value)
+    with pytest.raises(ConfigError, match="preset"):
+        TrainConfig.parse(dataset=shards, out=tmp_path / "run", preset="huge").check_paths()
+    unlabelled = tmp_path / "flat"
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    from featx.config import IngestConfig
+
+    flat_src = tmp_path / "flat_src"
+    flat_src.mkdir()
+    for p in tmp_path.glob("*.png"):
+        p.rename(flat_src / p.name)
+    ingest(IngestConfig.parse(src=flat_src, out=unlabelled))
+    with pytest.raises(ConfigError, match="at least 2"):
+        TrainConfig.parse(dataset=unlabelled, out=tmp_path / "run").check_paths()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_workers_cover_the_split_learn_and_checkpoint(tmp_path, shards):
+    run = tmp_path / "run"
+    opts = "--workers 2 --epochs 3 --batch-size 8 --lr 5e-3".split()
+    r = run_cli("train", shards, "--out", run, *opts, "--log-keys", "--keep", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = train_keys(shards)
+    for epoch in (1, 2, 3):
+        ranks = [
+            set((run / "keys" / f"epoch{epoch}-rank{k}.txt").read_text().split()) for k in (0, 1)
+        ]
+        assert ranks[0] and ranks[1], "both ranks trained on data"
+        assert not ranks[0] & ranks[1], "ranks saw overlapping samples"
+        assert ranks[0] | ranks[1] == expected, "the ranks together cover the train split"
+    import pandas as pd
+
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3]
+    assert metrics["train_loss"].iloc[-1] < 0.7 * metrics["train_loss"].iloc[0]
+    assert metrics["val_accuracy"].notna().all() and metrics["val_accuracy"].iloc[-1] >= 0.9
+    assert (metrics["samples"] == len(expected)).all()
+    assert (metrics["samples_per_s_total"] > 0).all()
+    assert (run / "curves.png").stat().st_size > 1000
+
+    # the best checkpoint reloads (weights_only) to the exact model that was evaluated
+    from featx.checkpoint import load_model
+
+    model, meta = load_model(run)
+    assert meta["classes"] == load_card(shards)["classes"]
+    assert meta["dataset_fingerprint"] == load_card(shards)["fingerprint"]
+    val_loss, val_acc = _plain_eval(model, shards)
+    best = meta["metrics"]["last"]
+    assert val_loss == pytest.approx(best["val_loss"], rel=1e-4, abs=1e-6)
+    assert val_acc == pytest.approx(best["val_accuracy"])
+    # Ray kept only --keep checkpoints
+    assert len(list((run / "ray").glob("checkpoint_*/featx.json"))) == 2
+
+    again = run_cli("train", shards, "--out", run, *opts)
+    assert again.returncode == 0 and "up to date" in again.stderr
+    clash = run_cli("train", shards, "--out", run, "--model", "rnn")
+    assert clash.returncode == 2 and "other settings" in clash.stderr
+
+
+def _plain_eval(model, dataset: Path) -> tuple[float, float]:
+    import torch.nn.functional as F
+    import webdataset as wds
+
+    from featx.batching import make_collate
+    from featx.shards import decode_sample
+
+    urls = [str(p) for p in sorted((dataset / "val").glob("shard-*.tar"))]
+    samples = [decode_sample(s) for s in wds.WebDataset(urls, shardshuffle=False)]
+    batch = make_collate("image")(samples)
+    with torch.inference_mode():
+        logits = model(batch["x"])
+    loss = F.cross_entropy(logits, batch["labels"]).item()
+    acc = (logits.argmax(1) == batch["labels"]).float().mean().item()
+    return loss, acc
+
+
+def _ray_train_workers() -> dict[int, str]:
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd:
+            found[p.info["pid"]] = cmd
+    return found
+
+
+def _registered_checkpoint(run: Path) -> bool:
+    """Ray Train has recorded a checkpoint (not merely written its folder)."""
+    snap = run / "ray" / "checkpoint_manager_snapshot.json"
+    return snap.exists() and "checkpoint_" in snap.read_text()
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_survived(tmp_path, shards):
+    run = tmp_path / "run"
+    opts = "--workers 2 --epochs 5 --batch-size 4 --max-failures 2".split()
+    proc = subprocess.Popen(
+        [*FEATX, "train", str(shards), "--out", str(run), *opts],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: _registered_checkpoint(run), 240, "the first registered checkpoint")
+        before = _ray_train_workers()
+        assert len(before) >= 2, before
+        victim = max(before)
+        os.kill(victim, signal.SIGKILL)  # a real process kill, mid-run
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    metrics = json.loads((run / "best" / "featx.json").read_text())["metrics"]
+    latest = max(
+        run.glob("ray/checkpoint_*/featx.json"), key=lambda p: json.loads(p.read_text())["epoch"]
+    )
+    history = json.loads(latest.read_text())["metrics"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert metrics["last"]["epoch"] <= 5
+    assert "resuming from the checkpoint" in out  # the restarted workers resumed, not restarted
+
+
+@pytest.mark.slow
+def test_rerun_after_the_driver_died_resumes(tmp_path, shards):
+    run = tmp_path / "run"
+    args = [
+        "train",
+        str(shards),
+        "--out",
+        str(run),
+        *"--workers 2 --epochs 4 --batch-size 4".split(),
+    ]
+    proc = subprocess.Popen(
+        [*FEATX, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: _registered_checkpoint(run), 240, "the first registered checkpoint")
+    finally:
+        # the driver and the local Ray it started die together, as when a laptop session ends
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _wait_for(lambda: not _ray_train_workers(), 60, "Ray workers to exit")
+    r = run_cli("train", *args[1:], timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed after" in r.stderr
+    history = json.loads((run / "best" / "featx.json").read_text())["metrics"]["history"]
+    assert history[-1]["epoch"] <= 4
+    import pandas as pd
+
+    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1, 2, 3, 4]
