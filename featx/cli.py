@@ -85,9 +85,13 @@ def ingest(
 
     cfg = _parse(IngestConfig, locals())
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=console, transient=True,
-    ) as bar:  # fmt: skip
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("ingest", total=None)
         summary = run_ingest(
             cfg, progress=lambda done, total: bar.update(task, completed=done, total=total)
@@ -138,6 +142,70 @@ def demo(
             f"[bold]{folder}[/]: {s.total} samples ({state}), "
             f"{sum(s.rejected.values())} rejected, {s.shards_total} shards -> {s.out}"
         )
+
+
+@app.command()
+def train(
+    dataset: Path = typer.Argument(..., help="Output folder of `featx ingest`."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="RUN_DIR: checkpoints, best/, metrics.csv, "
+        "curves.png. Running again with the same RUN_DIR resumes.",
+    ),
+    model: str = typer.Option("cnn", help="Encoder family: cnn, rnn or attention."),
+    preset: str = typer.Option("small", help="Model size: small (laptop) or base."),
+    workers: int = typer.Option(2, help="Ray Train workers (DDP ranks)."),
+    gpu: bool = typer.Option(False, help="One GPU per worker (NCCL, bf16 autocast)."),
+    cpus_per_worker: float | None = typer.Option(
+        None, help="CPUs per worker; default leaves one CPU to Ray Data."
+    ),
+    epochs: int = typer.Option(5, help="Epochs to train (in total, across resumes)."),
+    batch_size: int = typer.Option(32, help="Per-worker batch size."),
+    lr: float = typer.Option(2e-3, help="Peak AdamW learning rate (linear warm-up, cosine)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    keep: int = typer.Option(3, help="Checkpoints kept, best by validation loss."),
+    max_failures: int = typer.Option(1, help="Worker failures survived (-1: unlimited)."),
+    augment: bool = typer.Option(True, help="Light training augmentation."),
+    log_keys: bool = typer.Option(
+        False,
+        help="Write the sample keys each rank trained on, "
+        "per epoch, to RUN_DIR/keys/ (audits data coverage).",
+    ),
+    ray_address: str | None = typer.Option(
+        None, envvar="RAY_ADDRESS", help="Ray cluster address; default: start a local Ray."
+    ),
+    overwrite: bool = typer.Option(False, help="Start RUN_DIR afresh instead of resuming."),
+) -> None:
+    """Train a feature extractor on ingested shards with Ray Train (DDP).
+
+    Local Ray with CPU workers (gloo) by default; `--gpu` uses NCCL. Each epoch reports loss,
+    accuracy and samples/s, and keeps the best checkpoints by validation loss; `RUN_DIR/best`
+    is the model directory `featx extract` reads. A worker that dies is restarted from the
+    latest checkpoint; running the same command again resumes an interrupted run.
+    """
+    from featx.train import TrainConfig
+    from featx.train import train as run_train
+
+    cfg = _parse(TrainConfig, locals())
+    r = run_train(cfg)
+    if r.up_to_date:
+        console.print(f"[green]up to date[/]: {r.epochs} epochs already trained in {r.run_dir}")
+    t = Table(title=f"train {cfg.model}/{cfg.preset} -> {r.best_dir}", show_header=False)
+    t.add_row(
+        "epochs",
+        str(r.epochs)
+        + (f" (resumed after {r.resumed_from_epoch})" if r.resumed_from_epoch else ""),
+    )
+    last = r.metrics[-1] if r.metrics else {}
+    t.add_row("train loss (last)", f"{last.get('train_loss', float('nan')):.4f}")
+    if r.best_val_loss is not None:
+        t.add_row("val loss (best)", f"{r.best_val_loss:.4f}")
+        t.add_row("val accuracy (best)", f"{r.best_val_accuracy:.3f}")
+    t.add_row("samples/s (last epoch)", f"{last.get('samples_per_s_total', 0):.0f}")
+    t.add_row("metrics", f"{r.run_dir}/metrics.csv, {r.run_dir}/curves.png")
+    t.add_row("seconds", f"{r.seconds:.1f}")
+    console.print(t)
 
 
 def _parse(config_cls, values: dict):

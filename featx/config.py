@@ -128,9 +128,20 @@ class IngestConfig(StageConfig):
         return self.model_dump(
             mode="json",
             include={
-                "image_size", "image_resize", "image_format", "jpeg_quality", "max_pixels",
-                "sample_rate", "max_seconds", "min_seconds",
-                "encoding", "max_chars", "min_chars", "val_fraction", "test_fraction",
-                "shard_samples", "shard_bytes",
+                "image_size",
+                "image_resize",
+                "image_format",
+                "jpeg_quality",
+                "max_pixels",
+                "sample_rate",
+                "max_seconds",
+                "min_seconds",
+                "encoding",
+                "max_chars",
+                "min_chars",
+                "val_fraction",
+                "test_fraction",
+                "shard_samples",
+                "shard_bytes",
             },
-        )  # fmt: skip
+        )

@@ -94,10 +94,11 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         params = N.Params(**{k: getattr(cfg, k) for k in N.Params.__dataclass_fields__})
         extra = {"modality": modality, "classes": classes, "normalisation": cfg.normalisation()}
         writers = {
-            s: ShardWriter(out, s, len(finished_shards(out, s)), cfg.shard_samples,
-                           cfg.shard_bytes, extra)
+            s: ShardWriter(
+                out, s, len(finished_shards(out, s)), cfg.shard_samples, cfg.shard_bytes, extra
+            )
             for s in SPLITS
-        }  # fmt: skip
+        }
         seen = {e["sha256"]: e["key"] for st in prior for e in st["entries"]}
         ingested = 0
         try:
@@ -106,9 +107,15 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
                     res = N.Rejected(N.DUPLICATE, f"duplicate of {seen[res.sha256]}", res.sha256)
                 if isinstance(res, N.Rejected):
                     rejects.append(
-                        Reject(item.source, res.reason, res.detail, item.size, item.mtime_ns,
-                               res.sha256)
-                    )  # fmt: skip
+                        Reject(
+                            item.source,
+                            res.reason,
+                            res.detail,
+                            item.size,
+                            item.mtime_ns,
+                            res.sha256,
+                        )
+                    )
                     writers[split_of(item.source, cfg.val_fraction, cfg.test_fraction)].note_reject(
                         res.reason
                     )
@@ -139,8 +146,9 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
             if any(st["split"] == "train" for st in new_shards) or not (out / TOKENIZER).exists():
                 from featx.tokenizer import fit_tokenizer, shard_texts
 
-                fit_tokenizer(shard_texts(finished_shards(out, "train")), cfg.vocab_size,
-                              out / TOKENIZER)  # fmt: skip
+                fit_tokenizer(
+                    shard_texts(finished_shards(out, "train")), cfg.vocab_size, out / TOKENIZER
+                )
         by_reason = dict(sorted(Counter(r.reason for r in rejects).items()))
         up_to_date = not new_shards and not rejected_changed and (out / CARD).exists()
         if not up_to_date:
@@ -234,10 +242,15 @@ def _pending(out: Path, items: list[Item], rejects: list[Reject], prior: list[di
                 sha = sha256_file(it.path)
                 if sha != e["sha256"]:
                     rejects.append(
-                        Reject(it.source, N.CHANGED,
-                               f"already ingested as {e['key']}; run with --overwrite to rebuild",
-                               it.size, it.mtime_ns, sha)
-                    )  # fmt: skip
+                        Reject(
+                            it.source,
+                            N.CHANGED,
+                            f"already ingested as {e['key']}; run with --overwrite to rebuild",
+                            it.size,
+                            it.mtime_ns,
+                            sha,
+                        )
+                    )
             continue
         r = cached.get((it.source, it.size, it.mtime_ns))
         if r is not None:
@@ -259,9 +272,11 @@ def _modality(cfg: IngestConfig, prior: list[dict], items: list[Item]) -> str:
     votes.pop(None, None)
     if not votes:
         raise ConfigError(
-            [f"src: could not detect a modality in {cfg.src} (no image, audio or text files"
-             " found); pass --modality image|text|audio"]
-        )  # fmt: skip
+            [
+                f"src: could not detect a modality in {cfg.src} (no image, audio or text files"
+                " found); pass --modality image|text|audio"
+            ]
+        )
     (best, n), *rest = votes.most_common()
     if rest:
         log.warning("mixed inputs %s; ingesting as %s (force with --modality)", dict(votes), best)
@@ -276,9 +291,11 @@ def _classes(cfg: IngestConfig, prior: list[dict], items: list[Item]) -> dict[st
     new = [name for name in labels if name not in classes]
     if new:
         raise ConfigError(
-            [f"src: new classes {new} are not in the existing shards' class map {list(classes)};"
-             " class indices would change, so run again with --overwrite to rebuild"]
-        )  # fmt: skip
+            [
+                f"src: new classes {new} are not in the existing shards' class map {list(classes)};"
+                " class indices would change, so run again with --overwrite to rebuild"
+            ]
+        )
     return classes
 
 

@@ -49,8 +49,15 @@ def remove_partials(out: Path) -> int:
 class ShardWriter:
     """Writes one split's samples into shards capped by sample count and payload bytes."""
 
-    def __init__(self, out: Path, split: str, start_index: int, max_samples: int,
-                 max_bytes: int, extra_stats: dict) -> None:  # fmt: skip
+    def __init__(
+        self,
+        out: Path,
+        split: str,
+        start_index: int,
+        max_samples: int,
+        max_bytes: int,
+        extra_stats: dict,
+    ) -> None:
         self.folder = out / split
         self.split = split
         self.index = start_index

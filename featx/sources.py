@@ -110,9 +110,14 @@ def _tree(src: Path) -> tuple[list[Item], list[Reject], str]:
             if layout == "class-folders":
                 if rel_dir == "":
                     rejects.append(
-                        Reject(rel, N.OUTSIDE_CLASSES, "files must sit in SRC/<label>/",
-                               st.st_size, st.st_mtime_ns)
-                    )  # fmt: skip
+                        Reject(
+                            rel,
+                            N.OUTSIDE_CLASSES,
+                            "files must sit in SRC/<label>/",
+                            st.st_size,
+                            st.st_mtime_ns,
+                        )
+                    )
                     continue
                 label = rel_dir.split("/")[0]
             items.append(Item(rel, full, label, None, None, st.st_size, st.st_mtime_ns))

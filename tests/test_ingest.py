@@ -96,11 +96,20 @@ def test_resize_modes_keep_aspect_or_stretch(tmp_path):
     im = Image.new("RGB", (80, 20), (0, 255, 0))
     im.save(tmp_path / "wide.png")
     res = {
-        m: np.asarray(Image.open(io.BytesIO(N.process(
-            str(tmp_path / "wide.png"), None, "image",
-            N.Params(image_size=20, image_resize=m, image_format="png")).payload)))
+        m: np.asarray(
+            Image.open(
+                io.BytesIO(
+                    N.process(
+                        str(tmp_path / "wide.png"),
+                        None,
+                        "image",
+                        N.Params(image_size=20, image_resize=m, image_format="png"),
+                    ).payload
+                )
+            )
+        )
         for m in ("crop", "pad", "stretch")
-    }  # fmt: skip
+    }
     assert (res["crop"][..., 1] > 250).all() and (res["stretch"][..., 1] > 250).all()
     assert (res["pad"][0] < 5).all()  # letterbox bars are black
 
@@ -234,8 +243,10 @@ def test_manifest_split_wins_and_inline_text(tmp_path):
     docs = tmp_path / "docs"
     for i in range(6):
         make_text(docs / f"d{i}.txt", i)
-    rows = [{"path": f"docs/d{i}.txt", "label": "a" if i < 3 else "b", "split": "test"}
-            for i in range(6)]  # fmt: skip
+    rows = [
+        {"path": f"docs/d{i}.txt", "label": "a" if i < 3 else "b", "split": "test"}
+        for i in range(6)
+    ]
     rows += [{"text": f"inline document number {i}", "label": "b"} for i in range(4)]
     rows += [{"path": "../outside.txt", "label": "a"}, {"path": "/etc/passwd", "label": "a"}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{bad json\n")
@@ -291,8 +302,9 @@ def test_duplicates_ingested_once(image_tree, tmp_path):
 
 
 def _entries(out: Path) -> list[dict]:
-    return [e for p in sorted(out.glob("*/*_stats.json")) for e in json.loads(p.read_text())
-            ["entries"]]  # fmt: skip
+    return [
+        e for p in sorted(out.glob("*/*_stats.json")) for e in json.loads(p.read_text())["entries"]
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,8 +394,9 @@ def test_hostile_text_and_audio_reasons(tmp_path):
 
 def test_bad_config_stops_before_work(tmp_path, image_tree):
     with pytest.raises(ConfigError) as e:
-        IngestConfig.parse(src=image_tree, out=tmp_path / "o", val_fraction=0.7,
-                           test_fraction=0.5, image_size=2)  # fmt: skip
+        IngestConfig.parse(
+            src=image_tree, out=tmp_path / "o", val_fraction=0.7, test_fraction=0.5, image_size=2
+        )
     assert "image_size" in str(e.value) and "leaves no training data" in str(e.value)
     with pytest.raises(ConfigError, match="does not exist"):
         run(tmp_path / "nope", tmp_path / "o")
@@ -433,13 +446,15 @@ def test_sigkill_mid_run_then_rerun_gives_identical_shards(tmp_path):
         make_image(src / f"c{i % 3}" / f"{i:04d}.png", seed=i, size=(300, 200))
     ref, out = tmp_path / "ref", tmp_path / "out"
     args = ["--shard-samples", "8", "--workers", "1", "--image-format", "png"]
-    subprocess.run([*FEATX, "ingest", str(src), str(ref), *args], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run([*FEATX, "ingest", str(src), str(ref), *args], check=True, capture_output=True)
     rng = np.random.default_rng(0)
     kills = 0
     for _ in range(3):
-        proc = subprocess.Popen([*FEATX, "ingest", str(src), str(out), *args],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [*FEATX, "ingest", str(src), str(out), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         # wait until at least one shard exists, then kill at a random moment
         deadline = time.time() + 60
         while not list(out.glob("*/shard-*.tar")) and time.time() < deadline:
@@ -455,8 +470,7 @@ def test_sigkill_mid_run_then_rerun_gives_identical_shards(tmp_path):
             with tarfile.open(tar) as t:
                 t.getmembers()
     assert kills >= 1
-    subprocess.run([*FEATX, "ingest", str(src), str(out), *args], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run([*FEATX, "ingest", str(src), str(out), *args], check=True, capture_output=True)
     assert shard_bytes(out) == shard_bytes(ref)
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     assert load_card(out)["shards"] == load_card(ref)["shards"]
@@ -512,12 +526,17 @@ def test_read_back_with_ray_data(ingested):
 
 def test_cli_summary_and_up_to_date(image_tree, tmp_path):
     out = tmp_path / "out"
-    first = subprocess.run([*FEATX, "ingest", str(image_tree), str(out)], capture_output=True,
-                           text=True, check=True)  # fmt: skip
+    first = subprocess.run(
+        [*FEATX, "ingest", str(image_tree), str(out)], capture_output=True, text=True, check=True
+    )
     assert "ingested" in first.stderr and "24" in first.stderr
-    again = subprocess.run([*FEATX, "ingest", str(image_tree), str(out)], capture_output=True,
-                           text=True, check=True)  # fmt: skip
+    again = subprocess.run(
+        [*FEATX, "ingest", str(image_tree), str(out)], capture_output=True, text=True, check=True
+    )
     assert "up to date" in again.stderr
-    bad = subprocess.run([*FEATX, "ingest", str(image_tree), str(out), "--val-fraction", "2"],
-                         capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [*FEATX, "ingest", str(image_tree), str(out), "--val-fraction", "2"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "val_fraction" in bad.stderr
