@@ -1,0 +1,242 @@
+"""Probe: how linearly separable are extracted features? Logistic regression vs random weights.
+
+A standardised logistic regression is fitted on the train rows and scored on val (and test), for
+the extracted features and, as a baseline, for features of the same architecture with random
+weights (fixed seed), extracted the same way into FEATURES_DIR/_baseline/. Trained features that
+do not beat random ones have not learnt anything the labels care about.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featx.features import BASELINE_DIR, MANIFEST, read_features, read_manifest
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("val", "test")
+
+
+@dataclass
+class ProbeResult:
+    """Probe scores; the top-level numbers are on val, `splits` has val and test in full."""
+
+    features_dir: str
+    classes: list[str]  # class names of the labelled rows, sorted
+    rows: dict[str, int]  # labelled rows per split (train, val, test)
+    accuracy: float  # val accuracy of the probe on the features
+    majority_accuracy: float  # val accuracy of always answering the commonest train class
+    per_class_accuracy: dict[str, float]  # val, class name -> accuracy on that class (recall)
+    baseline_accuracy: float | None = None  # val accuracy on the random-init baseline features
+    baseline_per_class_accuracy: dict[str, float] = field(default_factory=dict)
+    # split -> {"accuracy", "majority_accuracy", "per_class_accuracy", "baseline_accuracy",
+    #           "baseline_per_class_accuracy"} for every labelled eval split (val, test)
+    splits: dict[str, dict] = field(default_factory=dict)
+    baseline_dir: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def probe(
+    features_dir: Path,
+    baseline_checkpoint: Path | None = None,
+    *,
+    baseline: bool = True,
+    dataset: Path | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    workers: int = 1,
+    ray_address: str | None = None,
+) -> ProbeResult:
+    """Fit a logistic-regression probe on train rows; accuracy on val (and test) rows.
+
+    The baseline is `baseline_checkpoint` if given, otherwise the features' own architecture
+    with random weights (`seed`); its features are extracted from `dataset` (default: the one
+    recorded in the manifest) into FEATURES_DIR/_baseline/features. `baseline=False` skips it.
+    """
+    t0 = time.perf_counter()
+    features_dir = Path(features_dir)
+    manifest = read_manifest(features_dir)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"No {MANIFEST} in {features_dir}: run `featx extract DATASET --checkpoint RUN_DIR "
+            f"--out {features_dir}` first"
+        )
+    fit = _Probe.fit(features_dir, seed)
+    splits = {
+        s: {
+            "accuracy": fit.accuracy[s],
+            "majority_accuracy": fit.majority[s],
+            "per_class_accuracy": fit.per_class[s],
+        }
+        for s in fit.accuracy
+    }
+    result = ProbeResult(
+        features_dir=str(features_dir),
+        classes=fit.classes,
+        rows=fit.rows,
+        accuracy=fit.accuracy["val"],
+        majority_accuracy=fit.majority["val"],
+        per_class_accuracy=fit.per_class["val"],
+        splits=splits,
+    )
+    if baseline:
+        bdir = _baseline_features(
+            features_dir,
+            manifest,
+            baseline_checkpoint,
+            dataset,
+            seed,
+            batch_size,
+            workers,
+            ray_address,
+        )
+        base = _Probe.fit(bdir, seed)
+        for s, d in splits.items():
+            d["baseline_accuracy"] = base.accuracy.get(s)
+            d["baseline_per_class_accuracy"] = base.per_class.get(s, {})
+        result.baseline_accuracy = base.accuracy["val"]
+        result.baseline_per_class_accuracy = base.per_class["val"]
+        result.baseline_dir = str(bdir)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
+@dataclass
+class _Probe:
+    classes: list[str]
+    rows: dict[str, int]
+    accuracy: dict[str, float]
+    majority: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+
+    @classmethod
+    def fit(cls, features_dir: Path, seed: int) -> _Probe:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        X, df = read_features(features_dir)
+        labelled = df["label"].notna().to_numpy()
+        if not labelled.any():
+            raise ValueError(
+                f"no labels in {features_dir}: the dataset is unlabelled, and a probe needs "
+                "class labels (ingest class folders or a manifest with a label column)"
+            )
+        split = df["split"].to_numpy()
+        y = df["label"].to_numpy(dtype=np.float64, na_value=np.nan)
+        train = labelled & (split == "train")
+        evals = {s: labelled & (split == s) for s in EVAL_SPLITS if (labelled & (split == s)).any()}
+        if "val" not in evals:
+            raise ValueError(
+                f"no labelled val rows in {features_dir}: the probe is scored on val; ingest "
+                "with --val-fraction > 0 (or a manifest split column) and extract again"
+            )
+        if len(np.unique(y[train])) < 2:
+            raise ValueError(
+                f"the train rows of {features_dir} hold {len(np.unique(y[train]))} class(es); "
+                "a probe needs at least two"
+            )
+        names = dict(zip(y[labelled].astype(int), df["label_name"][labelled], strict=True))
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
+        clf.fit(X[train], y[train].astype(int))
+        values, counts = np.unique(y[train].astype(int), return_counts=True)
+        common = values[np.argmax(counts)]
+        accuracy, majority, per_class = {}, {}, {}
+        for s, rows in evals.items():
+            truth = y[rows].astype(int)
+            pred = clf.predict(X[rows])
+            accuracy[s] = round(float(np.mean(pred == truth)), 4)
+            majority[s] = round(float(np.mean(truth == common)), 4)
+            per_class[s] = {
+                str(names[c]): round(float(np.mean(pred[truth == c] == c)), 4)
+                for c in sorted(np.unique(truth))
+            }
+        return cls(
+            classes=sorted(str(n) for n in names.values()),
+            rows={"train": int(train.sum()), **{s: int(r.sum()) for s, r in evals.items()}},
+            accuracy=accuracy,
+            majority=majority,
+            per_class=per_class,
+        )
+
+
+def _baseline_features(
+    features_dir, manifest, checkpoint, dataset, seed, batch_size, workers, ray_address
+) -> Path:
+    """Extract baseline features into FEATURES_DIR/_baseline/features (cached across runs)."""
+    from featx.checkpoint import MODEL_FILE, resolve_model_dir
+    from featx.extract import extract
+    from featx.fsutil import sha256_file
+
+    root = features_dir / BASELINE_DIR
+    dataset = Path(dataset or manifest["dataset"])
+    if not (dataset / "dataset.json").exists():
+        raise FileNotFoundError(
+            f"the baseline needs the dataset the features came from, and {dataset} holds no "
+            "dataset.json; pass dataset=<folder> (--dataset) or baseline=False (--no-baseline)"
+        )
+    model_dir = (
+        resolve_model_dir(checkpoint)
+        if checkpoint
+        else _random_model(root / "model", manifest, dataset, seed)
+    )
+    out = root / "features"
+    old = read_manifest(out)
+    # The folder is probe's cache: another baseline model replaces it instead of being refused.
+    overwrite = old is not None and old["checkpoint_sha256"] != sha256_file(model_dir / MODEL_FILE)
+    log.info("extracting baseline features with %s into %s", model_dir, out)
+    extract(
+        dataset,
+        model_dir,
+        out,
+        batch_size=batch_size,
+        workers=workers,
+        ray_address=ray_address,
+        overwrite=overwrite,
+    )
+    return out
+
+
+def _random_model(folder: Path, manifest: dict, dataset: Path, seed: int) -> Path:
+    """The features' architecture with random weights from `seed`, as a model directory."""
+    import json
+
+    import torch
+
+    from featx.checkpoint import META_FILE, load_meta, save_model_dir
+    from featx.ingest import load_card
+    from featx.models import create_model
+
+    source = Path(manifest["model_dir"])
+    if (folder / META_FILE).exists():
+        meta = json.loads((folder / META_FILE).read_text())
+        if meta.get("model") == manifest["model"] and meta.get("baseline_seed") == seed:
+            return folder
+    torch.manual_seed(seed)
+    model = create_model(**manifest["model"])
+    trained = load_meta(source)
+    card = load_card(dataset)
+    # Text models must tokenise exactly like the trained model: save_model_dir copies
+    # `dataset / card["tokenizer"]`, so point it at the trained model's own tokenizer.
+    card = {
+        **card,
+        "tokenizer": trained.get("tokenizer"),
+        "fingerprint": trained.get("dataset_fingerprint", card["fingerprint"]),
+    }
+    save_model_dir(
+        folder,
+        model,
+        card,
+        source,
+        metrics={},
+        extra={"baseline": "random-init", "baseline_seed": seed},
+    )
+    return folder
