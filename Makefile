@@ -16,7 +16,7 @@ RUN_DIR ?= .runs/demo
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.featx-installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-deps lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/featx demo --out $(RUN_DIR)
 
-test: $(STAMP)
+# System packages the tests drive for real: Debian's Chromium for the Prefect UI test.
+test-deps:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) test-deps
 	$(BIN)/ruff check .
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests; check testpaths and -m/-k filters" >&2; exit 1; fi; \

@@ -116,32 +116,138 @@ def ingest(
 @app.command()
 def demo(
     out: Path = typer.Option(Path(".runs/demo"), help="Where the demo writes its outputs."),
-    data: Path = typer.Option(None, help="Sample data folder (default: the repo's data/)."),
+    modalities: str = typer.Option(
+        "images,text,audio", help="Sample datasets to run, comma-separated (folders of data/)."
+    ),
+    model: str = typer.Option("cnn", help="Encoder family for every dataset."),
+    epochs: int = typer.Option(8, help="Training epochs per dataset."),
 ) -> None:
-    """The main job on the embedded sample data: every stage, local Ray, no server needed.
+    """The main job: the whole pipeline on the embedded sample data in data/.
 
-    Today: ingest of data/images, data/text and data/audio.
+    For each sample dataset the Prefect pipeline flow runs ingest -> train (Ray Train, 2
+    workers) -> extract (Ray Data -> Parquet) -> linear probe -> report, on a local Ray and a
+    temporary local Prefect API (state under OUT/prefect); no server to start by hand.
     """
-    from featx.config import IngestConfig
-    from featx.ingest import ingest as run_ingest
+    from featx.pipeline import REPO_DATA
+    from flows.runtime import ensure_database, use_prefect_home
 
-    data = data or Path(__file__).resolve().parents[1] / "data"
-    for modality, folder in (("image", "images"), ("text", "text"), ("audio", "audio")):
+    use_prefect_home(out / "prefect")
+    ensure_database()
+    from featx.pipeline import PipelineConfig
+    from flows.pipeline import pipeline_flow
+
+    rows = []
+    for name in [m.strip() for m in modalities.split(",") if m.strip()]:
         cfg = _parse(
-            IngestConfig,
-            {
-                "src": data / folder,
-                "out": out / folder / "shards",
-                "modality": modality,
-                "shard_samples": 64,
-            },
+            PipelineConfig,
+            {"src": REPO_DATA / name, "workdir": out / name, "model": model, "epochs": epochs},
         )
-        s = run_ingest(cfg)
-        state = "up to date" if s.up_to_date else f"{s.ingested} new"
+        s = pipeline_flow(cfg)
+        rows.append((name, s["features"], s["probe"], s["report"]))
+    t = Table(title="featx demo")
+    for col in ("data", "features (Parquet)", "probe accuracy", "random-init baseline", "report"):
+        t.add_column(col)
+    for name, features, probe, report in rows:
+        t.add_row(
+            name, features, f"{probe['accuracy']:.3f}", f"{probe['baseline_accuracy']:.3f}", report
+        )
+    console.print(t)
+
+
+@app.command()
+def pipeline(
+    src: Path = typer.Argument(..., help="Raw input (class folders or manifest)."),
+    workdir: Path = typer.Option(
+        Path(".runs/pipeline"), help="shards/, run/, features/, report.md go here."
+    ),
+    model: str = typer.Option("cnn", help="Encoder family: cnn, rnn or attention."),
+    epochs: int = typer.Option(8, help="Training epochs."),
+    workers: int = typer.Option(2, help="Training workers."),
+    gpu: bool = typer.Option(False, help="GPU workers and extraction actors."),
+    ray_address: str | None = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster."),
+) -> None:
+    """Run the pipeline flow (ingest -> train -> extract -> probe -> report) on SRC.
+
+    Uses the Prefect server in PREFECT_API_URL when set, otherwise a temporary local one.
+    """
+    from flows.runtime import ensure_database, use_prefect_home
+
+    use_prefect_home(workdir / "prefect")
+    ensure_database()
+    from featx.pipeline import PipelineConfig
+    from flows.pipeline import pipeline_flow
+
+    values = {k: v for k, v in locals().items() if k in PipelineConfig.model_fields}
+    s = pipeline_flow(_parse(PipelineConfig, values))
+    console.print(
+        f"features: {s['features']}\nprobe accuracy: {s['probe']['accuracy']:.3f} "
+        f"(baseline {s['probe']['baseline_accuracy']:.3f})\nreport: {s['report']}"
+    )
+
+
+@app.command()
+def serve(
+    src: Path = typer.Option(None, help="Raw input for the scheduled runs (default: data/images)."),
+    workdir: Path = typer.Option(Path(".runs/scheduled"), help="Work folder of scheduled runs."),
+    cron_ingest: str = typer.Option("0 * * * *", help="Schedule of featx-ingest."),
+    cron_train: str = typer.Option("0 2 * * *", help="Schedule of featx-train."),
+    cron_extract: str = typer.Option("0 4 * * *", help="Schedule of featx-extract."),
+    cron_pipeline: str = typer.Option("0 3 * * 0", help="Schedule of featx-pipeline."),
+    paused: bool = typer.Option(False, help="Register the schedules paused."),
+) -> None:
+    """Serve the ingest, train, extract and pipeline flows as scheduled deployments.
+
+    Registers them with the Prefect server in PREFECT_API_URL (start one with `featx server`)
+    and runs their flow runs in this process until stopped; schedules stay active after.
+    """
+    import os
+
+    from featx.pipeline import REPO_DATA
+
+    if not os.environ.get("PREFECT_API_URL"):
         console.print(
-            f"[bold]{folder}[/]: {s.total} samples ({state}), "
-            f"{sum(s.rejected.values())} rejected, {s.shards_total} shards -> {s.out}"
+            "[red]error[/]: set PREFECT_API_URL to a Prefect server "
+            "(e.g. `featx server`, then export PREFECT_API_URL=http://127.0.0.1:4200/api)"
         )
+        raise typer.Exit(2)
+    from flows.serve import serve_all
+
+    crons = {
+        "ingest": cron_ingest,
+        "train": cron_train,
+        "extract": cron_extract,
+        "pipeline": cron_pipeline,
+    }
+    serve_all(src or REPO_DATA / "images", workdir, crons, paused)
+
+
+@app.command()
+def server(
+    host: str = typer.Option(
+        "127.0.0.1",
+        help="Bind address. Keep 127.0.0.1 unless a "
+        "reverse proxy with authentication sits in front.",
+    ),
+    port: int = typer.Option(4200, help="Port of the API and UI."),
+    home: Path = typer.Option(
+        Path(".runs/prefect-server"),
+        help="PREFECT_HOME: the SQLite database and settings of this server.",
+    ),
+) -> None:
+    """Start a local Prefect server (API + UI) with its own PREFECT_HOME and SQLite database."""
+    import os
+    import sys
+
+    home = home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    console.print(
+        f"Prefect UI: http://{host}:{port}  state: {home}\n"
+        f"In other shells: export PREFECT_API_URL=http://{host}:{port}/api"
+    )
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    os.execvpe(cmd[0], cmd, env)
 
 
 @app.command()
@@ -206,6 +312,149 @@ def train(
     t.add_row("metrics", f"{r.run_dir}/metrics.csv, {r.run_dir}/curves.png")
     t.add_row("seconds", f"{r.seconds:.1f}")
     console.print(t)
+
+
+@app.command()
+def extract(
+    dataset: Path = typer.Argument(
+        ..., help="Dataset folder written by `featx ingest` (holds dataset.json and shards)."
+    ),
+    checkpoint: Path = typer.Option(
+        ...,
+        "--checkpoint",
+        "-c",
+        help="Model directory (featx.json + model.pt), or a training RUN_DIR: its best/ is used.",
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="FEATURES_DIR: `<split>/part-NNNNNN.parquet`, one per input shard, "
+        "and `_featx_features.json`.",
+    ),
+    batch_size: int = typer.Option(64, help="Samples per forward pass."),
+    workers: int = typer.Option(
+        1,
+        help="Model actors. Each loads the model once; together they get every CPU but the "
+        "half CPU kept for reading shards.",
+    ),
+    gpu: bool = typer.Option(False, help="One GPU per actor (the Ray cluster needs GPUs)."),
+    ray_address: str | None = typer.Option(
+        None, help="Ray cluster address; default: $RAY_ADDRESS, else a local Ray (no dashboard)."
+    ),
+    overwrite: bool = typer.Option(
+        False, help="Delete the features in OUT first (needed to switch checkpoints)."
+    ),
+) -> None:
+    """Extract one feature vector per sample into Parquet with Ray Data.
+
+    Writes `OUT/<split>/part-NNNNNN.parquet` for each `<split>/shard-NNNNNN.tar` of DATASET,
+    with columns key, split, label, label_name, source and embedding (fixed-size float32
+    list). Each part appears only when complete: re-running skips finished parts ("up to
+    date"), and a run killed at any moment resumes with every sample exactly once.
+    """
+    import os
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from featx.extract import ExtractConfig, run_extract
+
+    if logging.getLogger().level > logging.DEBUG:  # Ray Data's INFO chatter, unless -v
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    cfg = _parse(ExtractConfig, locals())
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("extract (starting Ray)", total=None)
+        s = run_extract(
+            cfg,
+            progress=lambda done, total: bar.update(
+                task, completed=done, total=total, description="extract"
+            ),
+        )
+    if s.up_to_date:
+        console.print(
+            f"[green]up to date[/]: {s.total_rows} rows in {s.files_skipped} files at {s.out}"
+        )
+    t = Table(title=f"extract -> {s.out}", show_header=False)
+    t.add_row("rows (this run / total)", f"{s.rows} / {s.total_rows}")
+    t.add_row("files (written / skipped)", f"{s.files_written} / {s.files_skipped}")
+    t.add_row("feature dim", str(s.feature_dim))
+    t.add_row("seconds", f"{s.seconds:.1f} (Ray start-up {s.ray_init_seconds:.1f})")
+    t.add_row("samples/s", f"{s.samples_per_s:.0f}")
+    t.add_row("model", s.model_dir)
+    t.add_row("Parquet", f"{s.out}/*/part-*.parquet")
+    for w in s.warnings:
+        t.add_row("[yellow]warning[/]", w)
+    console.print(t)
+
+
+@app.command()
+def probe(
+    features: Path = typer.Argument(..., help="FEATURES_DIR written by `featx extract`."),
+    baseline: bool = typer.Option(
+        True, help="Compare with the same architecture's random-init features."
+    ),
+    baseline_checkpoint: Path | None = typer.Option(
+        None, help="Compare with this model's features instead of a random-init one."
+    ),
+    dataset: Path | None = typer.Option(
+        None, help="Dataset for the baseline's features; default: the one extract recorded."
+    ),
+    seed: int = typer.Option(0, help="Seed of the random-init baseline and the probe."),
+    ray_address: str | None = typer.Option(
+        None, help="Ray cluster for the baseline extraction (default: $RAY_ADDRESS or local)."
+    ),
+) -> None:
+    """How good are the features? A linear probe against a random-init baseline.
+
+    Fits a standardised logistic regression on the train rows and reports accuracy on val
+    (and test), next to the same probe on features of the same architecture with random
+    weights (extracted once into FEATURES_DIR/_baseline/) and the majority-class rate.
+    """
+    import os
+
+    from featx.probe import probe as run_probe
+
+    if logging.getLogger().level > logging.DEBUG:  # Ray Data's INFO chatter, unless -v
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    try:
+        r = run_probe(
+            features,
+            baseline_checkpoint,
+            baseline=baseline,
+            dataset=dataset,
+            seed=seed,
+            ray_address=ray_address,
+        )
+    except ValueError as e:
+        console.print(f"[red]error[/]: {e}")
+        raise typer.Exit(2) from None
+    t = Table(title=f"linear probe: {features}")
+    for col in ("split", "rows", "probe accuracy", "random-init baseline", "majority class"):
+        t.add_column(col)
+    for split, d in r.splits.items():
+        base = d.get("baseline_accuracy")
+        t.add_row(
+            split,
+            str(r.rows[split]),
+            f"{d['accuracy']:.3f}",
+            "-" if base is None else f"{base:.3f}",
+            f"{d['majority_accuracy']:.3f}",
+        )
+    console.print(t)
+    c = Table(title="val accuracy per class")
+    for col in ("class", "probe", "baseline"):
+        c.add_column(col)
+    for name, acc in r.per_class_accuracy.items():
+        base = r.baseline_per_class_accuracy.get(name)
+        c.add_row(name, f"{acc:.3f}", "-" if base is None else f"{base:.3f}")
+    console.print(c)
 
 
 def _parse(config_cls, values: dict):
