@@ -30,10 +30,18 @@ console = Console(stderr=True)
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
 ) -> None:
+    import os
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        # featx reports its own progress; the HTTP client of Prefect and Ray Data's
+        # per-execution lines would drown it.
+        for name in ("httpx", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 
 
 @app.command()
@@ -144,14 +152,14 @@ def demo(
         )
         s = pipeline_flow(cfg)
         rows.append((name, s["features"], s["probe"], s["report"]))
-    t = Table(title="featx demo")
-    for col in ("data", "features (Parquet)", "probe accuracy", "random-init baseline", "report"):
+    t = Table(title="featx demo: linear-probe accuracy on val")
+    for col in ("data", "trained features", "random-init baseline"):
         t.add_column(col)
-    for name, features, probe, report in rows:
-        t.add_row(
-            name, features, f"{probe['accuracy']:.3f}", f"{probe['baseline_accuracy']:.3f}", report
-        )
+    for name, _, probe, _ in rows:
+        t.add_row(name, f"{probe['accuracy']:.3f}", f"{probe['baseline_accuracy']:.3f}")
     console.print(t)
+    for name, features, _, report in rows:
+        console.print(f"[bold]{name}[/]: features {features}/ (Parquet), report {report}")
 
 
 @app.command()
@@ -353,14 +361,11 @@ def extract(
     list). Each part appears only when complete: re-running skips finished parts ("up to
     date"), and a run killed at any moment resumes with every sample exactly once.
     """
-    import os
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from featx.extract import ExtractConfig, run_extract
 
-    if logging.getLogger().level > logging.DEBUG:  # Ray Data's INFO chatter, unless -v
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     cfg = _parse(ExtractConfig, locals())
     with Progress(
         "[progress.description]{task.description}",
@@ -417,12 +422,9 @@ def probe(
     (and test), next to the same probe on features of the same architecture with random
     weights (extracted once into FEATURES_DIR/_baseline/) and the majority-class rate.
     """
-    import os
 
     from featx.probe import probe as run_probe
 
-    if logging.getLogger().level > logging.DEBUG:  # Ray Data's INFO chatter, unless -v
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     try:
         r = run_probe(
             features,

@@ -49,6 +49,9 @@ class StageConfig(BaseModel):
         """Rules that involve several fields; `v` holds raw field values."""
         return []
 
+    def check_paths(self) -> None:
+        """Checks that need the file system, run before any work starts (none by default)."""
+
     @model_validator(mode="after")
     def _cross(self):
         if problems := self.cross_problems(dict(self)):

@@ -38,6 +38,12 @@ class PipelineConfig(StageConfig):
     image_size: int = Field(64, ge=8, le=4096, description="Images: output side in pixels.")
     ray_address: str | None = Field(None, description="Ray cluster; default RAY_ADDRESS/local.")
 
+    def check_paths(self) -> None:
+        from featx.config import ConfigError
+
+        if not self.src.exists():
+            raise ConfigError([f"src: {self.src} does not exist"])
+
     @property
     def shards(self) -> Path:
         return self.workdir / "shards"
