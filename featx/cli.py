@@ -248,7 +248,15 @@ def server(
 
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # `--port` alone leaves the UI calling the API on 4200; tell it where the API is.
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"http://{host}:{port}/api",
+    }
     env.pop("PREFECT_API_URL", None)
     console.print(
         f"Prefect UI: http://{host}:{port}  state: {home}\n"

@@ -155,9 +155,9 @@ def report_markdown(s: dict) -> str:
         f"| probe | accuracy {_f(pr['accuracy'])} vs random-init baseline "
         f"{_f(pr['baseline_accuracy'])} |",
         "",
-        f"Training curves: `{s['curves']}`",
-        f"Features (Parquet): `{s['features']}`",
-        f"Wall time: {s['seconds']} s",
+        f"- Training curves: `{s['curves']}`",
+        f"- Features (Parquet): `{s['features']}`",
+        f"- Wall time: {s['seconds']} s",
     ]
     return "\n".join(lines) + "\n"
 

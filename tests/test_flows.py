@@ -126,3 +126,47 @@ def test_pipeline_flow_end_to_end_then_rerun_skips_work(harness, ray_local, tmp_
     assert again["ingest"]["up_to_date"] and again["train"]["up_to_date"]
     assert again["extract"]["up_to_date"]
     assert parts == {p: p.stat().st_mtime_ns for p in cfg.features.rglob("*.parquet")}
+
+
+def test_train_and_extract_flows(harness, ray_local, tmp_path):
+    from featx.config import IngestConfig
+    from featx.extract import ExtractConfig
+    from featx.features import read_features
+    from featx.ingest import ingest
+    from featx.train import TrainConfig
+    from flows.extract import extract_flow
+    from flows.train import train_flow
+
+    shards = tmp_path / "shards"
+    ingest(
+        IngestConfig.parse(
+            src=colour_images(tmp_path / "src"),
+            out=shards,
+            image_size=16,
+            shard_samples=8,
+            val_fraction=0.25,
+        )
+    )
+    cfg = TrainConfig.parse(dataset=shards, out=tmp_path / "run", epochs=2, batch_size=8)
+    state = train_flow(cfg, return_state=True)
+    assert state.is_completed(), state
+    trained = state.result()
+    assert len(trained["metrics"]) == 2 and (tmp_path / "run" / "best" / "model.pt").exists()
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert {"featx-train", "featx-train-metrics", "progress"} <= set(arts)
+    assert "curves.png" in arts["featx-train"].data
+
+    state = extract_flow(
+        ExtractConfig.parse(dataset=shards, checkpoint=tmp_path / "run", out=tmp_path / "feat"),
+        return_state=True,
+    )
+    assert state.is_completed(), state
+    out = state.result()
+    X, df = read_features(tmp_path / "feat")
+    assert X.shape == (64, out["extract"]["feature_dim"]) and df["key"].is_unique
+    card = json.loads((shards / "dataset.json").read_text())
+    assert out["probe"]["classes"] == ["blue", "red"]
+    assert out["probe"]["rows"]["val"] == card["counts"]["val"]["total"]
+    assert out["probe"]["accuracy"] > out["probe"]["majority_accuracy"]  # red vs blue is learnt
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert {"featx-extract", "featx-classes"} <= set(arts)
