@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -86,24 +87,12 @@ def ingest(
     killed at any moment resumes to the same bytes. Rejected inputs and their reasons are
     listed in OUT/rejected.jsonl.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from featx.config import IngestConfig
     from featx.ingest import ingest as run_ingest
 
     cfg = _parse(IngestConfig, locals())
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("ingest", total=None)
-        summary = run_ingest(
-            cfg, progress=lambda done, total: bar.update(task, completed=done, total=total)
-        )
+    with _progress_bar("ingest") as progress:
+        summary = run_ingest(cfg, progress=progress)
     if summary.up_to_date:
         console.print(
             f"[green]up to date[/]: {summary.total} samples in "
@@ -369,27 +358,11 @@ def extract(
     list). Each part appears only when complete: re-running skips finished parts ("up to
     date"), and a run killed at any moment resumes with every sample exactly once.
     """
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from featx.extract import ExtractConfig, run_extract
 
     cfg = _parse(ExtractConfig, locals())
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("extract (starting Ray)", total=None)
-        s = run_extract(
-            cfg,
-            progress=lambda done, total: bar.update(
-                task, completed=done, total=total, description="extract"
-            ),
-        )
+    with _progress_bar("extract", starting="extract (starting Ray)") as progress:
+        s = run_extract(cfg, progress=progress)
     if s.up_to_date:
         console.print(
             f"[green]up to date[/]: {s.total_rows} rows in {s.files_skipped} files at {s.out}"
@@ -465,6 +438,17 @@ def probe(
         base = r.baseline_per_class_accuracy.get(name)
         c.add_row(name, f"{acc:.3f}", "-" if base is None else f"{base:.3f}")
     console.print(c)
+
+
+@contextlib.contextmanager
+def _progress_bar(name: str, starting: str | None = None):
+    """A transient rich progress bar; yields the `progress(done, total)` callback stages take."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(starting or name, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total, description=name)
 
 
 def _parse(config_cls, values: dict):

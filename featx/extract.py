@@ -10,7 +10,6 @@ Memory stays flat: only the embeddings of shards still in flight are held by the
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -37,7 +36,7 @@ from featx.features import (
     write_manifest,
     write_part,
 )
-from featx.fsutil import sha256_file
+from featx.fsutil import exclusive, sha256_file
 from featx.ingest import CARD, load_card
 from featx.shards import finished_shards, read_stats
 from featx.sources import SPLITS
@@ -139,7 +138,7 @@ def run_extract(
         log.warning(w)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
+    with exclusive(out, "extract"):
         if cfg.overwrite:
             _clear(out)
         if n := _remove_partials(out):
@@ -547,15 +546,3 @@ def _clear(out: Path) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
     if (out / BASELINE_DIR).is_dir():
         shutil.rmtree(out / BASELINE_DIR)
-
-
-@contextlib.contextmanager
-def _exclusive(out: Path):
-    with open(out / ".lock", "a") as f:  # "a": taking the lock must not touch the file
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(
-                [f"out: another featx extract is writing to {out}; wait for it to finish"]
-            ) from None
-        yield

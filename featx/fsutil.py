@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -43,3 +45,18 @@ def sha256_file(path: Path, fsync: bool = False) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path, what: str):
+    """Hold `folder/.lock` while writing there; a second writer gets a clear error at once."""
+    from featx.config import ConfigError
+
+    with open(Path(folder) / ".lock", "a") as f:  # "a": taking the lock must not touch it
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                [f"out: another featx {what} is writing to {folder}; wait for it to finish"]
+            ) from None
+        yield

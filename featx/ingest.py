@@ -7,8 +7,6 @@ only what no finished shard holds, into new shards, so a killed run resumes to t
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -25,7 +23,7 @@ from pathlib import Path
 from featx import __version__
 from featx import normalize as N
 from featx.config import ConfigError, IngestConfig
-from featx.fsutil import atomic_write_text, sha256_file
+from featx.fsutil import atomic_write_text, exclusive, sha256_file
 from featx.shards import ShardWriter, finished_shards, read_stats, remove_partials
 from featx.sources import SPLITS, Item, Reject, discover
 
@@ -81,7 +79,7 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         _clear_output(out)
     _check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
+    with exclusive(out, "ingest"):
         if n := remove_partials(out):
             log.info("removed %d partial file(s) left by an interrupted run", n)
         prior = _finished(out)
@@ -381,15 +379,3 @@ def _clear_output(out: Path) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-
-
-@contextlib.contextmanager
-def _exclusive(out: Path):
-    with open(out / ".lock", "a") as f:  # "a": taking the lock must not touch the file
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(
-                [f"out: another featx ingest is writing to {out}; wait for it to finish"]
-            ) from None
-        yield

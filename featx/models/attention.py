@@ -15,7 +15,7 @@ from torch import nn
 
 from featx.models.model import length_mask
 from featx.models.registry import register_model
-from featx.models.stems import AudioStem, ImageStem, TextStem
+from featx.models.stems import sequence_stem
 
 
 def sinusoidal_positions(max_len: int, dim: int) -> torch.Tensor:
@@ -116,12 +116,7 @@ def attention(
     modality: str, cfg: dict[str, Any], *, vocab_size: int | None, sample_rate: int
 ) -> tuple[nn.Module, nn.Module]:
     dim = cfg["d_model"]
-    if modality == "image":
-        stem = ImageStem(dim, patch_size=cfg["patch_size"])
-    elif modality == "text":
-        stem = TextStem(vocab_size, dim)
-    else:
-        stem = AudioStem(sample_rate, cfg["n_mels"], dim)
+    stem = sequence_stem(modality, dim, cfg, vocab_size, sample_rate)
     encoder = AttentionEncoder(
         dim,
         cfg["num_heads"],

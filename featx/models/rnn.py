@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from featx.models.model import masked_mean
 from featx.models.registry import register_model
-from featx.models.stems import AudioStem, ImageStem, TextStem
+from featx.models.stems import sequence_stem
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -84,12 +84,7 @@ def rnn(
     modality: str, cfg: dict[str, Any], *, vocab_size: int | None, sample_rate: int
 ) -> tuple[nn.Module, nn.Module]:
     dim = cfg["embed_dim"]
-    if modality == "image":
-        stem = ImageStem(dim, patch_size=cfg["patch_size"])
-    elif modality == "text":
-        stem = TextStem(vocab_size, dim)
-    else:
-        stem = AudioStem(sample_rate, cfg["n_mels"], dim)
+    stem = sequence_stem(modality, dim, cfg, vocab_size, sample_rate)
     encoder = RNNEncoder(
         dim,
         cfg["hidden"],

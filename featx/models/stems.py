@@ -95,3 +95,14 @@ class AudioStem(nn.Module):
         if self.proj is None:
             return feats.transpose(1, 2).unsqueeze(1), frames
         return self.proj(feats), frames
+
+
+def sequence_stem(
+    modality: str, dim: int, cfg: dict, vocab_size: int | None, sample_rate: int
+) -> nn.Module:
+    """The stem of the sequence families (RNN, attention): any modality -> (B, S, dim) steps."""
+    if modality == "image":
+        return ImageStem(dim, patch_size=cfg["patch_size"])
+    if modality == "text":
+        return TextStem(vocab_size, dim)
+    return AudioStem(sample_rate, cfg["n_mels"], dim)
