@@ -133,7 +133,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     _ensure_ray(cfg.ray_address)
@@ -179,6 +185,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             name=RAY_RUN,
             storage_path=str(out),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's own per-report INFO lines repeat the metrics featx logs per epoch.
+            logging_config=LoggingConfig(log_level="WARNING"),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep,
                 checkpoint_score_attribute="val_loss" if "val" in datasets else "train_loss",
