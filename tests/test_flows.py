@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from prefect_fixtures import colour_images
 
 pytestmark = pytest.mark.slow
 
@@ -31,20 +32,6 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def colour_images(root: Path, n: int = 64) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        label = ("red", "blue")[i % 2]
-        base = np.array([200, 40, 40] if label == "red" else [40, 40, 200], dtype=float)
-        arr = np.clip(base + rng.normal(0, 60, (20, 20, 3)), 0, 255).astype(np.uint8)
-        (root / label).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr).save(root / label / f"{i:03d}.png")
-    return root
 
 
 def _artifacts(flow_run_id) -> dict[str, object]:
