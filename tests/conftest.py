@@ -70,3 +70,15 @@ def image_tree(tmp_path: Path) -> Path:
         label = "cats" if i % 2 else "dogs"
         make_image(src / label / f"img{i:03d}.png", seed=i)
     return src
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread: intra-op sync costs more than it saves, and on a
+    shared machine OpenMP spin-waits can make two threads 100x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,14 +15,7 @@ VOCAB = 50
 COMBOS = [(name, modality) for name in list_models() for modality in MODALITIES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread: intra-op sync costs more than it saves, and on a
-    shared machine OpenMP spin-waits can make two threads 100x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name: str, modality: str, num_classes: int = 3, **kw) -> torch.nn.Module:

@@ -28,14 +28,7 @@ FILLER = ["the", "a", "of", "and", "some", "with", "very", "quite"]
 TONES_HZ = [400.0, 1200.0, 3000.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread: intra-op sync costs more than it saves, and on a
-    shared machine OpenMP spin-waits can make two threads 100x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image_data(rng: np.random.Generator) -> list[dict]:
