@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 MODALITIES = ("image", "text", "audio")
 
@@ -20,6 +19,9 @@ MODALITIES = ("image", "text", "audio")
 # whatever the dataset (a per-dataset estimate would have to travel with every checkpoint).
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
+IMAGE_FILL = tuple(round(255 * m) for m in IMAGE_MEAN)  # augmentation border: ~0 once normalised
+_IMAGE_SCALE = 1.0 / (255.0 * torch.tensor(IMAGE_STD).view(1, 3, 1, 1))
+_IMAGE_SHIFT = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
 
 TOKEN_DROPOUT = 0.1  # fraction of tokens removed per text sample when augmenting
 AUDIO_SHIFT = 0.1  # largest circular time shift, as a fraction of the clip's length
@@ -119,26 +121,35 @@ class Batcher:
                     f"sample {s['__key__']!r} is {a.shape[:2]} but {samples[0]['__key__']!r} is "
                     f"{arrays[0].shape[:2]}: a batch needs one image size; ingest with a fixed size"
                 )
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
-        x = (x - mean) / std
+        flips = None
         if self.augment:
-            x = self._augment_images(x)
-        return x.contiguous(), None
+            pixels, flips = self._augment_images(arrays)
+        else:
+            pixels = np.stack(arrays)
+        # NHWC uint8 -> NCHW float32 in one copy, then (x / 255 - mean) / std in place.
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+        x = x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        x.mul_(_IMAGE_SCALE).sub_(_IMAGE_SHIFT)
+        if flips is not None and flips.any():
+            mirrored = torch.from_numpy(flips)
+            x[mirrored] = x[mirrored].flip(-1)
+        return x, None
 
-    def _augment_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Random horizontal flip and a random crop of the zero-padded image (same size)."""
+    def _augment_images(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Shift each image within a border of the mean colour (same size) and pick which to
+        mirror. Done on the uint8 pixels, where a shift is one slice copy per image."""
         rng = self._random()
-        _, _, h, w = x.shape
+        h, w, _ = arrays[0].shape
         pad = max(1, min(h, w) // 16)
-        padded = F.pad(x, (pad, pad, pad, pad))  # zeros = the mean colour after normalisation
-        out = torch.empty_like(x)
-        for i in range(x.shape[0]):
-            top, left = rng.integers(0, 2 * pad + 1, size=2)
-            crop = padded[i, :, top : top + h, left : left + w]
-            out[i] = crop.flip(-1) if rng.random() < 0.5 else crop
-        return out
+        shifts = rng.integers(-pad, pad + 1, size=(len(arrays), 2))
+        flips = rng.random(len(arrays)) < 0.5
+        out = np.empty((len(arrays), h, w, 3), np.uint8)
+        out[:] = np.broadcast_to(np.asarray(IMAGE_FILL, np.uint8), (h, w, 3))
+        for i, (a, (dy, dx)) in enumerate(zip(arrays, shifts, strict=True)):
+            out[i, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = a[
+                max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+            ]
+        return out, flips
 
     def _load_tokenizer(self):
         if self._tokenizer is None:

@@ -269,7 +269,14 @@ def train(
     workers: int = typer.Option(2, help="Ray Train workers (DDP ranks)."),
     gpu: bool = typer.Option(False, help="One GPU per worker (NCCL, bf16 autocast)."),
     cpus_per_worker: float | None = typer.Option(
-        None, help="CPUs per worker; default leaves one CPU to Ray Data."
+        None,
+        help="CPUs per worker; default splits the CPUs between workers (with --loader ray, "
+        "after leaving one to Ray Data).",
+    ),
+    loader: str = typer.Option(
+        "shards",
+        help="How ranks read shards: 'shards' (each rank streams its share with webdataset; "
+        "faster) or 'ray' (Ray Data streaming split).",
     ),
     epochs: int = typer.Option(5, help="Epochs to train (in total, across resumes)."),
     batch_size: int = typer.Option(32, help="Per-worker batch size."),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from featx.batching import IMAGE_MEAN, IMAGE_STD, Batcher, make_collate
+from featx.batching import IMAGE_FILL, IMAGE_MEAN, IMAGE_STD, Batcher, make_collate
 from featx.models import create_model
 
 
@@ -85,6 +85,34 @@ def test_image_augmentation_is_seeded_and_keeps_the_size():
     assert not torch.equal(a, plain) and not torch.equal(a, c)
     # off by default: extraction sees exactly the normalised pixels
     assert torch.equal(plain, make_collate("image")(samples)["x"])
+
+
+def test_each_augmented_image_is_a_shifted_or_mirrored_copy_of_its_own():
+    samples = images(16)
+    out = make_collate("image", augment=True, seed=0)(samples)["x"]
+    size = samples[0]["image"].shape[0]
+    pad = max(1, size // 16)
+    flips = 0
+    for i, s in enumerate(samples):
+        padded = np.empty((size + 2 * pad, size + 2 * pad, 3), np.uint8)
+        padded[:] = IMAGE_FILL
+        padded[pad:-pad, pad:-pad] = s["image"]
+        candidates = [
+            (flip, crop[:, ::-1] if flip else crop)
+            for top in range(2 * pad + 1)
+            for left in range(2 * pad + 1)
+            for flip in (False, True)
+            for crop in [padded[top : top + size, left : left + size]]
+        ]
+        expected = make_collate("image")([{**s, "image": c} for _, c in candidates])["x"]
+        found = [
+            flip
+            for (flip, _), e in zip(candidates, expected, strict=True)
+            if torch.equal(out[i], e)
+        ]
+        assert found, f"augmented image {i} is not a shifted or mirrored copy of its own"
+        flips += found[0]
+    assert 0 < flips < len(samples)  # both mirrored and unmirrored samples occur
 
 
 def test_mixed_image_sizes_are_rejected_with_the_keys():

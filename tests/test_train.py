@@ -47,12 +47,15 @@ def run_cli(*args, timeout=300, **kw):
     )
 
 
-def test_cpu_budget_leaves_ray_data_a_cpu():
-    assert _default_cpus_per_worker(2, 2, False) == 0.5
-    assert _default_cpus_per_worker(8, 2, False) == 3
-    assert _default_cpus_per_worker(1, 4, False) == 0.125
+def test_cpu_budget_leaves_ray_data_a_cpu_when_it_reads():
+    assert _default_cpus_per_worker(2, 2, reserve_for_data=True) == 0.5
+    assert _default_cpus_per_worker(8, 2, reserve_for_data=True) == 3
+    assert _default_cpus_per_worker(1, 4, reserve_for_data=True) == 0.125
     with pytest.raises(ConfigError, match="cannot fit"):
-        _default_cpus_per_worker(0.5, 2, False)
+        _default_cpus_per_worker(0.5, 2, reserve_for_data=True)
+    # the default loader reads in the workers themselves: all CPUs go to them
+    assert _default_cpus_per_worker(2, 2, reserve_for_data=False) == 1
+    assert _default_cpus_per_worker(2, 4, reserve_for_data=False) == 0.5
 
 
 def test_bad_train_config_stops_before_work(tmp_path, shards):
@@ -121,6 +124,21 @@ def test_two_workers_cover_the_split_learn_and_checkpoint(tmp_path, shards):
     assert again.returncode == 0 and "up to date" in again.stderr
     clash = run_cli("train", shards, "--out", run, "--model", "rnn")
     assert clash.returncode == 2 and "other settings" in clash.stderr
+
+
+@pytest.mark.slow
+def test_ray_data_loader_covers_the_split(tmp_path, shards):
+    run = tmp_path / "run"
+    opts = "--workers 2 --epochs 2 --batch-size 16 --loader ray --log-keys".split()
+    r = run_cli("train", shards, "--out", run, *opts)
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = train_keys(shards)
+    for epoch in (1, 2):
+        ranks = [
+            set((run / "keys" / f"epoch{epoch}-rank{k}.txt").read_text().split()) for k in (0, 1)
+        ]
+        assert ranks[0] and ranks[1] and not ranks[0] & ranks[1]
+        assert ranks[0] | ranks[1] == expected
 
 
 def _plain_eval(model, dataset: Path) -> tuple[float, float]:

@@ -76,7 +76,9 @@ def _step(model, opt, b, F) -> int:
     return len(b["keys"])
 
 
-def featx_train(dataset: Path, run: Path, model: str, batch: int, epochs: int, workers: int):
+def featx_train(
+    dataset: Path, run: Path, model: str, batch: int, epochs: int, workers: int, loader: str
+):
     from featx.train import TrainConfig, train
 
     t0 = time.perf_counter()
@@ -87,6 +89,7 @@ def featx_train(dataset: Path, run: Path, model: str, batch: int, epochs: int, w
         workers=workers,
         epochs=epochs,
         batch_size=batch // workers,
+        loader=loader,
     )
     r = train(cfg)
     wall = time.perf_counter() - t0
@@ -104,15 +107,37 @@ def main() -> dict:
     ap.add_argument("--batch", type=int, default=64, help="global batch size")
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--loaders",
+        default="shards,ray",
+        help="featx data loaders to measure, comma-separated; the first is the headline figure",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="featx-bench-train-"))
     try:
         dataset = make_dataset(tmp, args.per_class)
         base = plain_loop(dataset, args.model, args.batch, args.epochs)
-        rates, wall, startup = featx_train(
-            dataset, tmp / "run", args.model, args.batch, args.epochs, args.workers
-        )
-        base_ss, featx_ss = statistics.median(base[1:]), statistics.median(rates[1:])
+        base_ss = statistics.median(base[1:])
+        loaders = {}
+        for loader in args.loaders.split(","):
+            rates, wall, startup = featx_train(
+                dataset,
+                tmp / f"run-{loader}",
+                args.model,
+                args.batch,
+                args.epochs,
+                args.workers,
+                loader,
+            )
+            ss = statistics.median(rates[1:])
+            loaders[loader] = {
+                "samples_per_s": round(ss, 1),
+                "ratio": round(ss / base_ss, 3),
+                "wall_s": round(wall, 1),
+                "outside_epochs_s": round(startup, 1),
+                "per_epoch": [round(r, 1) for r in rates],
+            }
+        main_loader = args.loaders.split(",")[0]
         result = {
             "stage": "train",
             "model": args.model,
@@ -121,12 +146,12 @@ def main() -> dict:
             "workers": args.workers,
             "global_batch": args.batch,
             "baseline_samples_per_s": round(base_ss, 1),
-            "featx_samples_per_s": round(featx_ss, 1),
-            "ratio": round(featx_ss / base_ss, 3),
-            "featx_wall_s": round(wall, 1),
-            "featx_outside_epochs_s": round(startup, 1),
+            "loader": main_loader,
+            "featx_samples_per_s": loaders[main_loader]["samples_per_s"],
+            "ratio": loaders[main_loader]["ratio"],
+            "featx_outside_epochs_s": loaders[main_loader]["outside_epochs_s"],
             "baseline_per_epoch": [round(r, 1) for r in base],
-            "featx_per_epoch": [round(r, 1) for r in rates],
+            "loaders": loaders,
         }
         print(json.dumps(result, indent=2))
         return result
