@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -294,6 +295,9 @@ def train(
         None, envvar="RAY_ADDRESS", help="Ray cluster address; default: start a local Ray."
     ),
     overwrite: bool = typer.Option(False, help="Start RUN_DIR afresh instead of resuming."),
+    summary_json: Path | None = typer.Option(
+        None, "--summary-json", help="Also write the run's summary as JSON to this file."
+    ),
 ) -> None:
     """Train a feature extractor on ingested shards with Ray Train (DDP).
 
@@ -323,7 +327,10 @@ def train(
     t.add_row("samples/s (last epoch)", f"{last.get('samples_per_s_total', 0):.0f}")
     t.add_row("metrics", f"{r.run_dir}/metrics.csv, {r.run_dir}/curves.png")
     t.add_row("seconds", f"{r.seconds:.1f}")
+    if r.rank_nodes and len(set(r.rank_nodes)) > 1:
+        t.add_row("Ray nodes", str(len(set(r.rank_nodes))))
     console.print(t)
+    _write_summary(summary_json, r.to_dict())
 
 
 @app.command()
@@ -357,6 +364,9 @@ def extract(
     overwrite: bool = typer.Option(
         False, help="Delete the features in OUT first (needed to switch checkpoints)."
     ),
+    summary_json: Path | None = typer.Option(
+        None, "--summary-json", help="Also write the run's summary as JSON to this file."
+    ),
 ) -> None:
     """Extract one feature vector per sample into Parquet with Ray Data.
 
@@ -382,9 +392,12 @@ def extract(
     t.add_row("samples/s", f"{s.samples_per_s:.0f}")
     t.add_row("model", s.model_dir)
     t.add_row("Parquet", f"{s.out}/*/part-*.parquet")
+    if len(s.nodes) > 1:
+        t.add_row("Ray nodes", str(len(s.nodes)))
     for w in s.warnings:
         t.add_row("[yellow]warning[/]", w)
     console.print(t)
+    _write_summary(summary_json, s.to_dict())
 
 
 @app.command()
@@ -458,6 +471,15 @@ def _progress_bar(name: str, starting: str | None = None):
         yield lambda done, total: bar.update(task, completed=done, total=total, description=name)
 
 
+def _write_summary(path: Path | None, summary: dict) -> None:
+    if path is not None:
+        import json
+
+        from featx.fsutil import atomic_write_text
+
+        atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+
+
 def _parse(config_cls, values: dict):
     try:
         cfg = config_cls.parse(**{k: v for k, v in values.items() if k in config_cls.model_fields})
@@ -466,6 +488,17 @@ def _parse(config_cls, values: dict):
     except ConfigError as e:
         console.print(f"[red]error[/]: {e}")
         raise typer.Exit(2) from None
+
+
+# Write failures a user fixes outside featx: one line with a hint, not a traceback. Stages write
+# under hidden temporary names, so nothing half-written is left in sight, and a re-run resumes.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "free some space and run the same command again: it resumes where it stopped",
+    errno.EDQUOT: "free some space and run the same command again: it resumes where it stopped",
+    errno.EACCES: "make the output folder writable, or choose another one",
+    errno.EPERM: "make the output folder writable, or choose another one",
+    errno.EROFS: "the file system is read-only: choose another output folder",
+}
 
 
 def main() -> None:
@@ -477,6 +510,13 @@ def main() -> None:
     except FileNotFoundError as e:
         console.print(f"[red]error[/]: {e}")
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        hint = _WRITE_ERRORS[e.errno]
+        console.print(f"[red]error[/]: {e.strerror}{where}; {hint}", soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -77,6 +76,7 @@ class ExtractSummary:
     seconds: float
     samples_per_s: float  # rows / seconds of this run, Ray start-up included
     ray_init_seconds: float = 0.0  # 0 when Ray was already running
+    nodes: list[str] = field(default_factory=list)  # Ray node ids of the actors that embedded
     first_file_seconds: float | None = None  # from the call to the first part on disk
     feature_dim: int = 0
     up_to_date: bool = False
@@ -353,6 +353,9 @@ class _Embedder:
             )
         tokenizer = Path(model_dir) / meta["tokenizer"] if meta.get("tokenizer") else None
         self.collate = make_collate(meta["modality"], tokenizer_path=tokenizer, augment=False)
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch) -> dict:
         from featx.shards import decode_sample
@@ -379,6 +382,7 @@ class _Embedder:
             "label": np.array([-1 if s["cls"] is None else s["cls"] for s in samples], np.int64),
             "source": np.array([s["meta"].get("source") for s in samples], dtype=object),
             "embedding": emb,
+            "node": np.array([self.node_id] * len(rows), dtype=object),  # not written
         }
 
 
@@ -388,6 +392,8 @@ def _run(cfg, shards, card, model_dir, sha, stamp, summary, progress, t0) -> Non
     names = card["class_names"]
     by_id = {f"{s.split}/{s.tar.name}": s for s in shards}
     total = sum(s.samples for s in shards)
+    from featx.cluster import alive_nodes, check_shared
+
     with ray_session(cfg.ray_address) as init_seconds:
         summary.ray_init_seconds = init_seconds
         cpus = float(ray.cluster_resources().get("CPU", 0))
@@ -401,9 +407,15 @@ def _run(cfg, shards, card, model_dir, sha, stamp, summary, progress, t0) -> Non
             )
         if problems:
             raise ConfigError(problems)
+        # Read tasks and model actors may run on any node of a cluster.
+        check_shared({"dataset": cfg.dataset.resolve(), "checkpoint": model_dir.resolve()})
         # The pool never takes the CPUs a read task needs; torch gets about one thread per CPU
         # the actor reserved (rounded, at least one), so actors do not oversubscribe cores.
         actor_cpus = (cpus - READ_CPUS) / cfg.workers
+        # On a cluster the CPUs are split between nodes: cap the actors so the largest node
+        # still fits a read task beside one, or actors could fill every node and reads never run.
+        largest = max(n["Resources"].get("CPU", 0) for n in alive_nodes())
+        actor_cpus = min(actor_cpus, largest - READ_CPUS)
         if cfg.gpu:
             actor_cpus = min(actor_cpus, 1.0)
         threads = max(1, round(actor_cpus))
@@ -435,6 +447,7 @@ def _run(cfg, shards, card, model_dir, sha, stamp, summary, progress, t0) -> Non
             compute=ray.data.ActorPoolStrategy(size=cfg.workers),
             num_cpus=actor_cpus,
             num_gpus=1 if cfg.gpu else None,
+            scheduling_strategy="SPREAD",  # on a cluster, one actor per node before doubling up
         )
         ds.context.enable_progress_bars = False  # the caller shows progress
         ds.context.print_on_execution_start = False
@@ -455,6 +468,7 @@ def _run(cfg, shards, card, model_dir, sha, stamp, summary, progress, t0) -> Non
                     summary.total_rows += s.samples
                     if summary.first_file_seconds is None:
                         summary.first_file_seconds = round(time.perf_counter() - t0, 3)
+            summary.nodes = sorted(set(summary.nodes) | {str(n) for n in np.unique(batch["node"])})
             done += len(ids)
             if progress:
                 progress(done, total)
@@ -505,23 +519,20 @@ def ray_session(address: str | None):
     """Connect to Ray if this process is not connected yet; yields the seconds it took.
 
     With no address (argument or RAY_ADDRESS) a local Ray starts, without the dashboard (no
-    HTTP server); its gRPC ports are Ray's own, guarded by Ray's token authentication. Only a
-    Ray started here is shut down here.
+    HTTP server). Only a Ray started here is shut down here.
     """
     import ray
+
+    from featx.cluster import init_ray
 
     if ray.is_initialized():
         if address:
             log.warning("Ray is already initialised in this process; ignoring ray_address")
         yield 0.0
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    t0 = time.perf_counter()
-    ray.init(
-        address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
-    )
+    seconds = init_ray(address, worker_logs=False)
     try:
-        yield round(time.perf_counter() - t0, 3)
+        yield seconds
     finally:
         ray.shutdown()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -103,6 +102,7 @@ class TrainResult:
     seconds: float
     resumed_from_epoch: int = 0
     up_to_date: bool = False
+    rank_nodes: list[str] | None = None  # the Ray node id of each rank in the last epoch
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,8 +118,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / "run.json"
-    if run_file.exists():
-        prior = json.loads(run_file.read_text())
+    prior = json.loads(run_file.read_text()) if run_file.exists() else None
+    if prior:
         if prior["config"] != cfg.run_fingerprint() or prior["dataset"] != card["fingerprint"]:
             raise ConfigError(
                 [
@@ -131,11 +131,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         if last and last.get("epoch", 0) >= cfg.epochs:
             _publish(out)  # the driver may have died between the last checkpoint and here
             return _result(out, cfg, t0, up_to_date=True)
-    else:
-        from featx.fsutil import atomic_write_text
-
-        run = {"config": cfg.run_fingerprint(), "dataset": card["fingerprint"]}
-        atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
 
     import ray
     from ray.train import (
@@ -147,7 +142,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     from ray.train.torch import TorchTrainer
 
-    _ensure_ray(cfg.ray_address)
+    from featx.cluster import check_shared, init_ray
+
+    if not ray.is_initialized():
+        init_ray(cfg.ray_address)
+    # Workers on any node read the shards and persist checkpoints into RUN_DIR.
+    check_shared({"dataset": cfg.dataset.resolve(), "out": out})
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
     cpus = cfg.cpus_per_worker or _default_cpus_per_worker(
         total_cpus, cfg.workers, reserve_for_data=cfg.loader == "ray"
@@ -159,6 +159,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "CPUs; lower --workers or --cpus-per-worker"
             ]
         )
+    if not prior:
+        from featx.fsutil import atomic_write_text
+
+        run = {"config": cfg.run_fingerprint(), "dataset": card["fingerprint"]}
+        atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
     dataset = cfg.dataset.resolve()
     splits = [s for s in ("train", "val") if card["counts"].get(s, {}).get("total", 0)]
     datasets = {}
@@ -232,6 +237,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    node_id = ray.get_runtime_context().get_node_id()
     card, dataset = config["card"], Path(config["dataset"])
     modality = card["modality"]
     tokenizer = str(dataset / card["tokenizer"]) if card.get("tokenizer") else None
@@ -365,8 +371,11 @@ def train_loop_per_worker(config: dict) -> None:
                     keys_seen += keys
         seconds = time.perf_counter() - t_epoch
         totals = torch.tensor([loss_sum, correct, seen, seen / max(seconds, 1e-9)])
+        rank_nodes = [node_id]
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
+            rank_nodes = [None] * world
+            dist.all_gather_object(rank_nodes, node_id)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": totals[0].item() / max(totals[2].item(), 1),
@@ -376,6 +385,7 @@ def train_loop_per_worker(config: dict) -> None:
             "samples_per_s_total": totals[3].item(),
             "epoch_seconds": seconds,
             "lr": scheduler.get_last_lr()[0],
+            "nodes": len(set(rank_nodes)),
         }
         if config["key_dir"]:
             kd = Path(config["key_dir"])
@@ -404,7 +414,7 @@ def train_loop_per_worker(config: dict) -> None:
                     card,
                     dataset,
                     {"last": metrics, "history": history},
-                    extra={"epoch": epoch + 1},
+                    extra={"epoch": epoch + 1, "rank_nodes": rank_nodes},
                 )
                 torch.save(
                     {
@@ -593,21 +603,6 @@ def _fmt(v) -> str:
 # driver helpers
 
 
-def _ensure_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    # Ray Data's internals trip a pandas deprecation warning in every worker; it is not ours.
-    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
-    if address:
-        ray.init(address=address, runtime_env=env)
-    else:
-        # A local Ray; its dashboard (and the state API Ray Train uses) binds to 127.0.0.1.
-        ray.init(dashboard_host="127.0.0.1", runtime_env=env)
-
-
 def _default_cpus_per_worker(total: float, workers: int, reserve_for_data: bool) -> float:
     """Split the CPUs between workers. With the Ray Data loader, leave one CPU (half on a 1-CPU
     machine) to its read tasks, which otherwise never get scheduled and the run hangs."""
@@ -761,5 +756,6 @@ def _result(out: Path, cfg: TrainConfig, t0: float, **kw) -> TrainResult:
         best_val_accuracy=best.get("val_accuracy"),
         metrics=history,
         seconds=round(time.perf_counter() - t0, 2),
+        rank_nodes=(latest or {}).get("rank_nodes"),
         **kw,
     )

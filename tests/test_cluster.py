@@ -1,0 +1,268 @@
+"""A real multi-node Ray cluster on this machine: `ray start` head and worker nodes.
+
+The nodes share the loopback address (one machine), but each is its own `ray start` process
+tree with its own raylet, so Ray schedules across them as across machines. Stages reach the
+cluster through RAY_ADDRESS (and `ray job submit`), with token authentication on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from prefect_fixtures import colour_images
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).parent / "ray")
+FEATX = [sys.executable, "-m", "featx.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """Head and worker nodes as separate `ray start --block` process groups."""
+
+    def __init__(self) -> None:
+        # Short: Ray's unix sockets live under the temp dir and paths are capped at 107 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="fxr", dir="/tmp"))
+        token = self.root / "token"
+        token.write_text(os.urandom(16).hex())
+        token.chmod(0o600)
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: dict[str, subprocess.Popen] = {}
+
+    def _ports(self) -> list[str]:
+        # Every node on one machine needs its own agent and metrics ports.
+        return [
+            "--node-manager-port", str(_free_port()),
+            "--object-manager-port", str(_free_port()),
+            "--dashboard-agent-listen-port", str(_free_port()),
+            "--dashboard-agent-grpc-port", str(_free_port()),
+            "--metrics-export-port", str(_free_port()),
+            "--runtime-env-agent-port", str(_free_port()),
+        ]  # fmt: skip
+
+    def start_head(self) -> None:
+        cmd = [
+            RAY, "start", "--head", "--block", "--port", str(self.port),
+            "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+            "--temp-dir", str(self.root / "ray"), *self._ports(),
+        ]  # fmt: skip
+        self._launch("head", cmd)
+        self.wait_for_nodes(1)
+
+    def add_node(self, name: str, wrap: list[str] | None = None) -> str:
+        """Start a worker node with one CPU; returns its node id once the GCS lists it."""
+        before = set(self.node_ids())
+        cmd = [
+            RAY, "start", "--address", self.address, "--block", "--num-cpus", "1",
+            "--node-ip-address", "127.0.0.1", *self._ports(),
+        ]  # fmt: skip
+        for attempt in (1, 2):
+            self._launch(name, (wrap or []) + cmd)
+
+            def joined():
+                if self.nodes[name].poll() is not None:  # Ray gave up starting the node
+                    raise RuntimeError(f"node {name} exited")
+                return set(self.node_ids()) - before
+
+            try:
+                # (a node killed just before may still be listed: wait for a new id)
+                return self._wait(joined, f"node {name} to join").pop()
+            except RuntimeError:
+                # On a loaded machine a raylet can miss Ray's start-up deadline; try once more.
+                if attempt == 2:
+                    raise
+                self.kill(name)
+        raise AssertionError("unreachable")
+
+    def _launch(self, name: str, cmd: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        self.nodes[name] = subprocess.Popen(
+            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a node's whole process tree (raylet, workers, agents), as a lost machine."""
+        proc = self.nodes.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def node_ids(self) -> list[str]:
+        """Alive nodes with CPUs, from the cluster's GCS."""
+        code = (
+            f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR');"
+            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] "
+            "and n['Resources'].get('CPU')]))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=90
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def wait_for_nodes(self, n: int) -> None:
+        self._wait(lambda: len(self.node_ids()) >= n, f"{n} nodes")
+
+    def _wait(self, predicate, what: str, timeout: float = 120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if found := predicate():
+                    return found
+            except AssertionError:
+                pass  # the GCS is not up yet
+            time.sleep(1)
+        logs = {p.name: p.read_text()[-1500:] for p in self.root.glob("*.log")}
+        raise AssertionError(f"timed out waiting for {what}: {logs}")
+
+    def featx(self, *args, timeout: float = 420) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*FEATX, *map(str, args)],
+            env={**self.env, "RAY_ADDRESS": self.address},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def shutdown(self) -> None:
+        for name in list(self.nodes):
+            self.kill(name)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster()
+    try:
+        c.start_head()
+        c.add_node("worker1")
+        yield c
+    finally:
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(cluster, tmp_path_factory) -> Path:
+    """Ingested as a Ray job on the cluster: `ray job submit -- featx ingest ...`."""
+    root = tmp_path_factory.mktemp("cluster")
+    src = colour_images(root / "src", n=320)
+    out = root / "shards"
+    entry = f"{sys.executable} -m featx.cli ingest {src} {out} --shard-samples 64"
+    r = subprocess.run(
+        [RAY, "job", "submit", "--address", f"http://127.0.0.1:{cluster.dashboard_port}",
+         "--", *entry.split()],
+        env=cluster.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "succeeded" in r.stdout
+    assert json.loads((out / "dataset.json").read_text())["counts"]["train"]["total"] > 0
+    return out
+
+
+def test_stages_run_on_more_than_one_node(cluster, shards, tmp_path):
+    nodes = set(cluster.node_ids())
+    assert len(nodes) == 2
+
+    summary = tmp_path / "train.json"
+    r = cluster.featx(
+        "train", shards, "--out", tmp_path / "run", "--workers", 2, "--epochs", 2,
+        "--batch-size", 16, "--summary-json", summary,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = json.loads(summary.read_text())
+    assert trained["epochs"] == 2
+    # one CPU per node and one per worker: the two ranks ran on the two nodes
+    assert set(trained["rank_nodes"]) == nodes
+
+    summary = tmp_path / "extract.json"
+    feats = tmp_path / "features"
+    r = cluster.featx(
+        "extract", shards, "--checkpoint", tmp_path / "run", "--out", feats,
+        "--workers", 2, "--summary-json", summary,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    extracted = json.loads(summary.read_text())
+    # the actors spread over the nodes; which ones got batches depends on who started first
+    assert extracted["nodes"] and set(extracted["nodes"]) <= nodes
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(feats, format="parquet").to_table(columns=["key"])
+    total = json.loads((shards / "dataset.json").read_text())["counts"]
+    assert table.num_rows == sum(c["total"] for c in total.values())
+    assert len(set(table.column("key").to_pylist())) == table.num_rows
+
+
+def test_a_folder_one_node_cannot_see_is_refused_before_work(cluster, shards, tmp_path):
+    """A node in its own mount namespace sees an empty tmpfs where the shards are."""
+    hide = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'mount -t tmpfs tmpfs "{shards}" && exec "$0" "$@"']  # fmt: skip
+    if subprocess.run([*hide[:4], "true"], capture_output=True).returncode != 0:
+        pytest.skip("this machine does not allow mount namespaces (unshare --mount)")
+    blind = cluster.add_node("blind", wrap=hide)
+    try:
+        r = cluster.featx("train", shards, "--out", tmp_path / "run", "--epochs", 1)
+        assert r.returncode == 2, r.stderr[-3000:]
+        said = " ".join(r.stderr.split())  # the console wraps long lines
+        assert f"dataset: {shards} is not visible from node {blind[:12]}" in said
+        assert "shared storage" in said
+        assert not list((tmp_path / "run").glob("ray/checkpoint_*"))
+    finally:
+        cluster.kill("blind")
+
+
+def test_training_survives_losing_a_worker_node(cluster, shards, tmp_path):
+    """SIGKILL every process of a worker node mid-run; a replacement node joins (as an
+    autoscaler would add one) and training resumes from the latest checkpoint."""
+    cluster.wait_for_nodes(2)
+    run = tmp_path / "run"
+    summary = tmp_path / "train.json"
+    proc = subprocess.Popen(
+        [*FEATX, "train", str(shards), "--out", str(run), "--workers", "2", "--epochs", "6",
+         "--batch-size", "8", "--max-failures", "2", "--summary-json", str(summary)],
+        env={**cluster.env, "RAY_ADDRESS": cluster.address},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        snapshot = run / "ray" / "checkpoint_manager_snapshot.json"
+        deadline = time.time() + 300
+        while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint registered in time"
+            time.sleep(0.2)
+        assert proc.poll() is None, "training finished before the node could be killed"
+        cluster.kill("worker1")
+        replacement = cluster.add_node("worker2")
+        out, _ = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    trained = json.loads(summary.read_text())
+    assert [m["epoch"] for m in trained["metrics"]] == [1, 2, 3, 4, 5, 6]
+    assert replacement in trained["rank_nodes"], "the last epochs ran on the new node"
