@@ -12,6 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 RUN_DIR ?= .runs/demo
+BENCH_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.featx-installed
@@ -44,8 +45,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
+# The benchmark suite: tests/benchmarks/results.{json,md} and the table (< 15 min on 2 cores).
+#   make bench BENCH_ARGS=--quick   checks the harness in 2-3 minutes
 bench: $(STAMP)
-	$(BIN)/python tests/benchmarks/bench_ingest.py
+	$(BIN)/python tests/benchmarks/suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .runs .pytest_cache .ruff_cache

@@ -4,13 +4,14 @@ Both read the same shards, decode with `decode_sample`, collate with `make_colla
 `forward_features` under `torch.inference_mode()` (cnn/small); the plain loop reads tars with
 tarfile and writes one Parquet file with pyarrow. Each run is a fresh process, so every number
 includes its own start-up, which is also reported on its own (imports, Ray start-up, first
-rows, first written file). The steady-state rate is the extra samples of the 4x run over the
-extra seconds they took (best of --repeats runs: noise on a shared machine only adds time), so
-fixed start-up cancels out. Peak memory is the PSS (and RSS) of the whole process tree (driver,
-raylet, GCS, Ray workers), sampled every 50 ms, at 1x and 4x the data. Other figures are medians
-over --repeats interleaved runs.
+rows, first written file). The steady-state rate is the extra samples of the largest run (4x by
+default) over the extra seconds they took (best of --repeats runs: noise on a shared machine only
+adds time), so fixed start-up cancels out. Peak memory is the PSS (and RSS) of the whole process
+tree (driver, raylet, GCS, Ray workers), sampled every 500 ms, at each size. Other figures are
+medians over --repeats interleaved runs.
 
-Usage: python tests/benchmarks/bench_extract.py [--n 2000] [--repeats 3] [--workdir DIR]
+Usage: python tests/benchmarks/bench_extract.py [--n 2000] [--repeats 3] [--scales 1,4]
+    [--workdir DIR] [--json F]
 """
 
 from __future__ import annotations
@@ -23,47 +24,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import TreeMemory, emit
 
 SPLITS = ("train", "val", "test")
-
-
-class TreeMemory:
-    """Peak PSS and RSS summed over this process and all its descendants."""
-
-    def __init__(self, every_s: float = 0.05) -> None:
-        import psutil
-
-        self.me, self.every_s = psutil.Process(), every_s
-        self.peak_pss = self.peak_rss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            pss = rss = 0
-            for p in [self.me, *self.me.children(recursive=True)]:
-                try:
-                    m = p.memory_full_info()
-                    pss, rss = pss + m.pss, rss + m.rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
-            self._stop.wait(self.every_s)
 
 
 def make_dataset(root: Path, n: int) -> Path:
@@ -113,12 +80,15 @@ def run_plain(dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> di
     collate = make_collate(meta["modality"])
     t_loop = time.perf_counter()
     keys, embs = [], []
+    first: list[float] = []  # when the first batch's embeddings were ready
 
     def flush(samples):
         b = collate([decode_sample(s) for s in samples])
         with torch.inference_mode():
             embs.append(model.forward_features(b["x"], b["lengths"]).numpy())
         keys.extend(b["keys"])
+        if not first:
+            first.append(time.perf_counter())
 
     for split in SPLITS:
         for tar in finished_shards(dataset, split):
@@ -152,6 +122,7 @@ def run_plain(dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> di
         "setup_seconds": t_loop - t0,  # imports + model load
         "loop_seconds": end - t_loop,
         "first_file_seconds": end - t0,  # one file, written at the end
+        "first_row_seconds": first[0] - t0,
     }
 
 
@@ -183,10 +154,10 @@ def run_featx(dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> di
 
 def child(args) -> None:
     fn = run_plain if args.run == "plain" else run_featx
-    with TreeMemory() as mem:
+    with TreeMemory(every_s=0.5) as mem:
         r = fn(Path(args.dataset), Path(args.checkpoint), Path(args.out), args.batch_size)
-    r["peak_pss_mb"] = round(mem.peak_pss / 2**20, 1)
-    r["peak_rss_mb"] = round(mem.peak_rss / 2**20, 1)
+    r["peak_pss_mb"], r["peak_rss_mb"] = mem.peak_pss_mb, mem.peak_rss_mb
+    r["memory_sampler_cpu_s"] = round(mem.cpu_s, 2)
     print("RESULT " + json.dumps(r))
 
 
@@ -210,10 +181,16 @@ def median(runs: list[dict], key: str) -> float | None:
 
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n", type=int, default=2000, help="Samples at 1x (4x is also run).")
+    ap.add_argument("--n", type=int, default=2000, help="Samples at 1x.")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--scales",
+        default="1,4",
+        help="data sizes as multiples of --n, comma-separated (1 and the largest always run)",
+    )
     ap.add_argument("--workdir", type=Path, help="Keep generated data here (default: a temp dir).")
+    ap.add_argument("--json", type=Path, help="Also write the result to this file.")
     ap.add_argument("--run", choices=["plain", "featx"], help=argparse.SUPPRESS)
     ap.add_argument("--dataset", help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -222,6 +199,10 @@ def main() -> dict:
     if args.run:
         child(args)
         return {}
+    factors = sorted({int(x) for x in args.scales.split(",")} | {1})
+    if len(factors) < 2:
+        ap.error("--scales needs a size above 1: steady state and memory growth compare two")
+    big = factors[-1]
     tmp = args.workdir or Path(tempfile.mkdtemp(prefix="featx-bench-extract-"))
     tmp.mkdir(parents=True, exist_ok=True)
     result: dict = {
@@ -234,7 +215,7 @@ def main() -> dict:
         "scales": {},
     }
     try:
-        scales = {scale: make_dataset(tmp, args.n * scale) for scale in (1, 4)}
+        scales = {scale: make_dataset(tmp, args.n * scale) for scale in factors}
         runs = {(kind, s): [] for s in scales for kind in ("plain", "featx")}
         # Interleaved (plain 1x, featx 1x, plain 4x, featx 4x, then again), so load from other
         # processes on a shared machine hits every variant alike.
@@ -263,6 +244,7 @@ def main() -> dict:
                 "ratio_end_to_end": round(median(p, "seconds") / median(f, "seconds"), 2),
                 "plain_setup_seconds": median(p, "setup_seconds"),
                 "plain_loop_samples_per_s": round(n / median(p, "loop_seconds"), 1),
+                "plain_first_row_seconds": median(p, "first_row_seconds"),
                 "featx_setup_seconds": median(f, "setup_seconds"),
                 "featx_ray_init_seconds": median(f, "ray_init_seconds"),
                 "featx_first_row_seconds": median(f, "first_row_seconds"),
@@ -273,15 +255,18 @@ def main() -> dict:
                 "featx_peak_rss_mb": median(f, "peak_rss_mb"),
                 "plain_peak_pss_mb": median(p, "peak_pss_mb"),
                 "plain_peak_rss_mb": median(p, "peak_rss_mb"),
+                "featx_memory_sampler_cpu_s": median(f, "memory_sampler_cpu_s"),
                 "featx_seconds_runs": [round(r["seconds"], 2) for r in f],
                 "plain_seconds_runs": [round(r["seconds"], 2) for r in p],
             }
-        # Steady state: the extra 3n samples of the 4x run over the extra time they took, so
-        # fixed start-up (imports, Ray, actor start, model load) cancels out. Best-of-N times:
-        # on a shared machine noise only ever adds time.
-        extra = 3 * args.n
+        # Steady state: the extra samples of the largest run over the extra seconds they took,
+        # so fixed start-up (imports, Ray, actor start, model load) cancels out. Best-of-N
+        # times: on a shared machine noise only ever adds time. (Timing batches inside a featx
+        # run does not work: Ray Data has computed well ahead by the time the first batch
+        # reaches the driver.)
+        extra = (big - 1) * args.n
         for kind in ("plain", "featx"):
-            dt = min(r["seconds"] for r in runs[(kind, 4)]) - min(
+            dt = min(r["seconds"] for r in runs[(kind, big)]) - min(
                 r["seconds"] for r in runs[(kind, 1)]
             )
             result[f"{kind}_steady_samples_per_s"] = round(extra / dt, 1) if dt > 0 else None
@@ -292,8 +277,12 @@ def main() -> dict:
             for kind, rate in (("plain", plain), ("featx", featx)):
                 best = min(r["seconds"] for r in runs[(kind, 1)])
                 result[f"{kind}_fixed_overhead_seconds"] = round(best - args.n / rate, 2)
-        print(json.dumps(result, indent=2))
-        return result
+        result["featx_memory_growth"] = round(
+            result["scales"][f"{big}x"]["featx_peak_pss_mb"]
+            / result["scales"]["1x"]["featx_peak_pss_mb"],
+            2,
+        )
+        return emit(result, args.json)
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,15 +1,16 @@
 """Ingest throughput: featx (process pool) against a plain single-process loop on the same files.
 
 The baseline does the same per-file work (Pillow decode with JPEG draft mode, EXIF, RGB,
-resize + centre crop, JPEG encode, tarfile write) in one process. Prints samples/s, MB/s and
-ratios. Usage: python tests/benchmarks/bench_ingest.py [--n 600] [--repeats 3]
+resize + centre crop, JPEG encode, tarfile write) in one process. Prints samples/s, MB/s,
+ratios and the peak memory (PSS, whole process tree) of each variant. With --scales 1,2,4 featx
+(2 processes) also runs on 2x and 4x the files, to show how time and memory grow.
+Usage: python tests/benchmarks/bench_ingest.py [--n 600] [--repeats 3] [--scales 1] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
 import statistics
@@ -19,25 +20,59 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import TreeMemory, emit
 from PIL import Image, ImageOps
+
+H, W = 480, 640
 
 
 def make_photos(root: Path, n: int) -> int:
-    """n photo-sized JPEGs (640x480, smooth content like a real photo) in 4 class folders."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:480, 0:640]
+    """n photo-sized JPEGs (640x480, smooth content plus sensor-like noise) in 4 class folders.
+
+    Photo i depends only on i, so the first n photos of a larger set are the set of n. The
+    noise is a window of one shared field at an offset of its own (a fresh normal draw per
+    photo made generation 4x slower than ingesting it); every photo's content is distinct.
+    """
+    noise = np.random.default_rng(0).normal(0, 8, (H + 61, W + 67, 3)).astype(np.float32)
+    x = np.arange(W, dtype=np.float32)[None, :]
+    y = np.arange(H, dtype=np.float32)[:, None]
     total = 0
     for i in range(n):
-        f = rng.uniform(0.005, 0.05, 3)
-        arr = np.stack(
-            [127 + 120 * np.sin(f[c] * xx + f[(c + 1) % 3] * yy + i) for c in range(3)], -1
-        )
-        arr += rng.normal(0, 8, arr.shape)
+        f = np.random.default_rng(i).uniform(0.005, 0.05, 3)
+        # sin(a x + b y + i), expanded so it costs two outer products per channel
+        chans = [
+            np.sin(f[c] * x) * np.cos(f[(c + 1) % 3] * y + i)
+            + np.cos(f[c] * x) * np.sin(f[(c + 1) % 3] * y + i)
+            for c in range(3)
+        ]
+        dy, dx = (i * 7) % 61, (i * 13) % 67
+        arr = 127 + 120 * np.stack(chans, -1) + noise[dy : dy + H, dx : dx + W]
         path = root / f"class{i % 4}" / f"{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=90)
         total += path.stat().st_size
     return total
+
+
+def source(workdir: Path, n: int) -> tuple[Path, float]:
+    """A class-folder tree of the first n photos (hard links into one cached set); its MB."""
+    photos, src = workdir / "photos", workdir / f"src-{n}"
+    have = len(list(photos.rglob("*.jpg"))) if photos.exists() else 0
+    if have < n:
+        shutil.rmtree(photos, ignore_errors=True)
+        make_photos(photos, n)
+    if not src.exists():
+        tmp = workdir / f".src-{n}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for i in range(n):
+            rel = Path(f"class{i % 4}") / f"{i:05d}.jpg"
+            (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(photos / rel, tmp / rel)
+            except OSError:
+                shutil.copy2(photos / rel, tmp / rel)
+        tmp.rename(src)
+    return src, sum(p.stat().st_size for p in src.rglob("*.jpg")) / 1e6
 
 
 def baseline(src: Path, out: Path, size: int = 64) -> int:
@@ -66,22 +101,42 @@ def featx_ingest(src: Path, out: Path, workers: int) -> int:
     return s.total
 
 
-def timed(fn, *args) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    n = fn(*args)
-    return time.perf_counter() - t0, n
+def timed(fn, *args, tree: bool = True) -> tuple[float, int, float]:
+    """Seconds, result and peak PSS (MB) of the process tree (or this process) while fn ran."""
+    with TreeMemory(every_s=0.2, tree=tree) as mem:
+        t0 = time.perf_counter()
+        n = fn(*args)
+        sec = time.perf_counter() - t0
+    return sec, n, mem.peak_pss_mb
 
 
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--scales",
+        default="1",
+        help="data sizes as multiples of --n, comma-separated; above 1 only featx (2 processes) "
+        "runs, once per repeat",
+    )
+    ap.add_argument("--workdir", type=Path, help="Keep generated photos here (default: temp).")
+    ap.add_argument("--json", type=Path, help="Also write the result to this file.")
     args = ap.parse_args()
+    scales = sorted({int(s) for s in args.scales.split(",")} | {1})
     tmp = Path(tempfile.mkdtemp(prefix="featx-bench-ingest-"))
+    work = args.workdir or tmp
+    work.mkdir(parents=True, exist_ok=True)
     try:
-        src = tmp / "src"
-        mb = make_photos(src, args.n) / 1e6
+        srcs = {k: source(work, args.n * k) for k in scales}
+        src, mb = srcs[1]
+        # The first ingest of a process also starts multiprocessing's forkserver and imports
+        # the decoders in it (about 2 s): a one-off cost, reported apart, that would otherwise
+        # land on whichever variant runs first.
+        first_call_s, _, _ = timed(featx_ingest, source(work, 8)[0], tmp / "warm-up", 2)
         runs: dict[str, list[float]] = {"baseline": [], "featx_1": [], "featx_2": []}
+        mem: dict[str, list[float]] = {k: [] for k in runs}
+        growth: dict[int, dict[str, list[float]]] = {k: {"s": [], "mb": []} for k in scales[1:]}
         for r in range(args.repeats):
             for name, fn, extra in (
                 ("baseline", baseline, ()),
@@ -89,9 +144,18 @@ def main() -> dict:
                 ("featx_2", featx_ingest, (2,)),
             ):
                 out = tmp / f"{name}-{r}"
-                sec, n = timed(fn, src, out, *extra)
+                # The baseline is one process; its tree would count featx's idle forkserver.
+                sec, n, peak = timed(fn, src, out, *extra, tree=name != "baseline")
                 assert n == args.n, (name, n)
                 runs[name].append(sec)
+                mem[name].append(peak)
+                shutil.rmtree(out)
+            for k in scales[1:]:
+                out = tmp / f"featx_2-{k}x-{r}"
+                sec, n, peak = timed(featx_ingest, srcs[k][0], out, 2)
+                assert n == args.n * k, (k, n)
+                growth[k]["s"].append(sec)
+                growth[k]["mb"].append(peak)
                 shutil.rmtree(out)
         med = {k: statistics.median(v) for k, v in runs.items()}
         result = {
@@ -104,10 +168,22 @@ def main() -> dict:
             "ratio_featx_2_vs_baseline": round(med["baseline"] / med["featx_2"], 2),
             "ratio_featx_1_vs_baseline": round(med["baseline"] / med["featx_1"], 2),
             "scaling_1_to_2_processes": round(med["featx_1"] / med["featx_2"], 2),
+            **{f"{k}_peak_pss_mb": statistics.median(v) for k, v in mem.items()},
+            "featx_first_call_s": round(first_call_s, 2),
             "repeats": args.repeats,
+            # Cost growth of featx with 2 processes: seconds and peak PSS at each data size.
+            "scales": {
+                f"{k}x": {
+                    "samples": args.n * k,
+                    "input_mb": round(srcs[k][1], 1),
+                    "seconds": round(statistics.median(g["s"]), 3),
+                    "peak_pss_mb": statistics.median(g["mb"]),
+                }
+                for k, g in [(1, {"s": runs["featx_2"], "mb": mem["featx_2"]}), *growth.items()]
+            },
+            "seconds_runs": {k: [round(x, 3) for x in v] for k, v in runs.items()},
         }
-        print(json.dumps(result, indent=2))
-        return result
+        return emit(result, args.json)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -2,35 +2,50 @@
 
 Both train the same model on the same shards with the same global batch size and the same
 cores (the baseline runs torch with every core; each featx worker gets its CPU share). Steady
-state is the median samples/s over the epochs after the first; start-up is reported apart.
+state is the median samples/s over the epochs after the first. Start-up is reported apart and
+split by watching RUN_DIR for checkpoints: Ray start-up (`ray.init`), Ray Train set-up (call to
+the first checkpoint, less epoch 1's training), per-epoch validation + checkpoint, and the tail
+(publishing `best/`, the curves, stopping the workers). Each featx run starts its own Ray and
+stops it. Peak memory is the PSS of the process tree (driver, Ray daemons, workers).
 Usage: python tests/benchmarks/bench_train.py [--per-class 400] [--epochs 4] [--model cnn]
+    [--loaders shards,ray] [--scales 1] [--workdir DIR] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+from benchlib import Spans, TreeMemory, emit
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def make_dataset(tmp: Path, per_class: int) -> Path:
+    """Sample-style images (data/make_sample_data.py), per_class of each of 4 classes, ingested.
+
+    Cached: a folder that already holds a dataset.json is reused.
+    """
     sys.path.insert(0, str(REPO / "data"))
     from make_sample_data import make_images
 
     from featx.config import IngestConfig
     from featx.ingest import ingest
 
-    make_images(tmp / "src", per_class=per_class)
-    out = tmp / "shards"
-    ingest(IngestConfig.parse(src=tmp / "src" / "images", out=out, shard_samples=256))
+    out = tmp / f"shards-{per_class}"
+    if (out / "dataset.json").exists():
+        return out
+    make_images(tmp / f"src-{per_class}", per_class=per_class)
+    src = tmp / f"src-{per_class}" / "images"
+    ingest(IngestConfig.parse(src=src, out=out, shard_samples=256, overwrite=True))
+    shutil.rmtree(tmp / f"src-{per_class}")
     return out
 
 
@@ -76,28 +91,85 @@ def _step(model, opt, b, F) -> int:
     return len(b["keys"])
 
 
+class CheckpointWatch:
+    """Records when each checkpoint (a folder with featx.json) first appears under RUN_DIR/ray."""
+
+    def __init__(self, run: Path, every_s: float = 0.1) -> None:
+        self.folder, self.every_s = run / "ray", every_s
+        self.seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CheckpointWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for meta in self.folder.glob("checkpoint_*/featx.json"):
+                self.seen.setdefault(meta.parent.name, time.perf_counter())
+            self._stop.wait(self.every_s)
+
+
 def featx_train(
     dataset: Path, run: Path, model: str, batch: int, epochs: int, workers: int, loader: str
-):
+) -> dict:
+    import ray
+
     from featx.train import TrainConfig, train
 
-    t0 = time.perf_counter()
-    cfg = TrainConfig.parse(
-        dataset=dataset,
-        out=run,
-        model=model,
-        workers=workers,
-        epochs=epochs,
-        batch_size=batch // workers,
-        loader=loader,
-    )
-    r = train(cfg)
-    wall = time.perf_counter() - t0
+    spans = Spans()
+    spans.wrap(ray, "init")  # however featx starts Ray, its start-up is timed on its own
+    try:
+        # 1 s: a pass over a Ray tree costs ~50 ms of CPU; memory here is a plateau
+        with TreeMemory(every_s=1.0) as mem, CheckpointWatch(run) as ckpts:
+            t0 = time.perf_counter()
+            cfg = TrainConfig.parse(
+                dataset=dataset,
+                out=run,
+                model=model,
+                workers=workers,
+                epochs=epochs,
+                batch_size=batch // workers,
+                loader=loader,
+            )
+            r = train(cfg)
+            t_done = time.perf_counter()
+            ray.shutdown()
+            end = time.perf_counter()
+    finally:
+        spans.undo()
     rates = [m["samples_per_s_total"] for m in r.metrics]
-    # Everything outside the timed training epochs: Ray start-up, worker set-up, rank-0
-    # validation and checkpointing.
-    startup = wall - sum(m["epoch_seconds"] for m in r.metrics)
-    return rates, wall, startup
+    epoch_s = [m["epoch_seconds"] for m in r.metrics]
+    times = sorted(ckpts.seen.values())
+    inits = [c for c in spans.calls if c["name"] == "ray.init"]
+    ray_end = inits[-1]["start"] + inits[-1]["seconds"] if inits else t0
+    out = {
+        "rates": rates,
+        "wall_s": end - t0,
+        # Everything outside the timed training epochs: Ray start-up, worker set-up, rank-0
+        # validation and checkpointing, publishing, Ray shutdown.
+        "outside_epochs_s": end - t0 - sum(epoch_s),
+        "ray_init_s": spans.total("ray.init"),
+        "ray_shutdown_s": end - t_done,
+        "peak_pss_mb": mem.peak_pss_mb,
+        "peak_rss_mb": mem.peak_rss_mb,
+        "memory_sampler_cpu_s": mem.cpu_s,
+    }
+    if len(times) == len(epoch_s) >= 2:
+        # The first checkpoint lands after set-up + epoch 1 + its validation and save.
+        per_epoch = (times[-1] - times[0] - sum(epoch_s[1:])) / (len(times) - 1)
+        out["train_setup_s"] = times[0] - ray_end - epoch_s[0] - per_epoch
+        out["per_epoch_val_ckpt_s"] = per_epoch
+        out["tail_s"] = t_done - times[-1]
+        # The start-up a user waits through before training: Ray, then Ray Train's set-up
+        # (with the config checks and the driver's work before ray.init).
+        out["startup_s"] = ray_end - t0 + out["train_setup_s"]
+    return out
 
 
 def main() -> dict:
@@ -112,15 +184,30 @@ def main() -> dict:
         default="shards,ray",
         help="featx data loaders to measure, comma-separated; the first is the headline figure",
     )
+    ap.add_argument(
+        "--scales",
+        default="1",
+        help="data sizes as multiples of --per-class, comma-separated; above 1 only featx "
+        "with the headline loader runs",
+    )
+    ap.add_argument("--workdir", type=Path, help="Keep generated datasets here (default: temp).")
+    ap.add_argument("--json", type=Path, help="Also write the result to this file.")
     args = ap.parse_args()
+    if args.epochs < 2:
+        ap.error("--epochs must be at least 2: steady state is measured after the first epoch")
+    scales = sorted({int(s) for s in args.scales.split(",")} | {1})
     tmp = Path(tempfile.mkdtemp(prefix="featx-bench-train-"))
+    work = args.workdir or tmp
+    work.mkdir(parents=True, exist_ok=True)
     try:
-        dataset = make_dataset(tmp, args.per_class)
-        base = plain_loop(dataset, args.model, args.batch, args.epochs)
+        datasets = {k: make_dataset(work, args.per_class * k) for k in scales}
+        dataset = datasets[1]
+        with TreeMemory(tree=False) as base_mem:
+            base = plain_loop(dataset, args.model, args.batch, args.epochs)
         base_ss = statistics.median(base[1:])
         loaders = {}
         for loader in args.loaders.split(","):
-            rates, wall, startup = featx_train(
+            run = featx_train(
                 dataset,
                 tmp / f"run-{loader}",
                 args.model,
@@ -129,32 +216,63 @@ def main() -> dict:
                 args.workers,
                 loader,
             )
-            ss = statistics.median(rates[1:])
+            ss = statistics.median(run["rates"][1:])
             loaders[loader] = {
                 "samples_per_s": round(ss, 1),
                 "ratio": round(ss / base_ss, 3),
-                "wall_s": round(wall, 1),
-                "outside_epochs_s": round(startup, 1),
-                "per_epoch": [round(r, 1) for r in rates],
+                **{k: round(v, 2) for k, v in run.items() if k != "rates"},
+                "per_epoch": [round(r, 1) for r in run["rates"]],
             }
         main_loader = args.loaders.split(",")[0]
+        head = loaders[main_loader]
+        growth = {1: head}
+        for k in scales[1:]:
+            run = featx_train(
+                datasets[k],
+                tmp / f"run-{main_loader}-{k}x",
+                args.model,
+                args.batch,
+                args.epochs,
+                args.workers,
+                main_loader,
+            )
+            growth[k] = {
+                "samples_per_s": round(statistics.median(run["rates"][1:]), 1),
+                **{k2: round(v, 2) for k2, v in run.items() if k2 != "rates"},
+            }
         result = {
             "stage": "train",
             "model": args.model,
             "train_samples": _count(dataset),
+            "epochs": args.epochs,
             "cores": os.cpu_count(),
             "workers": args.workers,
             "global_batch": args.batch,
             "baseline_samples_per_s": round(base_ss, 1),
             "loader": main_loader,
-            "featx_samples_per_s": loaders[main_loader]["samples_per_s"],
-            "ratio": loaders[main_loader]["ratio"],
-            "featx_outside_epochs_s": loaders[main_loader]["outside_epochs_s"],
+            "featx_samples_per_s": head["samples_per_s"],
+            "ratio": head["ratio"],
+            "featx_outside_epochs_s": head["outside_epochs_s"],
+            "featx_startup_s": head.get("startup_s"),
+            "featx_ray_init_s": head["ray_init_s"],
+            "featx_train_setup_s": head.get("train_setup_s"),
+            "featx_peak_pss_mb": head["peak_pss_mb"],
+            "baseline_peak_pss_mb": base_mem.peak_pss_mb,
             "baseline_per_epoch": [round(r, 1) for r in base],
             "loaders": loaders,
+            # Cost growth of featx (headline loader): wall seconds and peak PSS per data size.
+            "scales": {
+                f"{k}x": {
+                    "samples": _count(datasets[k]),
+                    "seconds": g["wall_s"],
+                    "samples_per_s": g["samples_per_s"],
+                    "outside_epochs_s": g["outside_epochs_s"],
+                    "peak_pss_mb": g["peak_pss_mb"],
+                }
+                for k, g in growth.items()
+            },
         }
-        print(json.dumps(result, indent=2))
-        return result
+        return emit(result, args.json)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
