@@ -490,13 +490,16 @@ def _parse(config_cls, values: dict):
         raise typer.Exit(2) from None
 
 
-# Write failures a user fixes outside featx: one line with a hint, not a traceback. Stages write
-# under hidden temporary names, so nothing half-written is left in sight, and a re-run resumes.
+# Disk and permission failures a user fixes outside featx: one line with a hint, not a
+# traceback. Stages write under hidden temporary names, so nothing half-written is left in
+# sight, and the same command resumes.
+_FULL = "free some space and run the same command again: it resumes where it stopped"
+_DENIED = "fix the permissions of that path, or choose another output folder"
 _WRITE_ERRORS = {
-    errno.ENOSPC: "free some space and run the same command again: it resumes where it stopped",
-    errno.EDQUOT: "free some space and run the same command again: it resumes where it stopped",
-    errno.EACCES: "make the output folder writable, or choose another one",
-    errno.EPERM: "make the output folder writable, or choose another one",
+    errno.ENOSPC: _FULL,
+    errno.EDQUOT: _FULL,
+    errno.EACCES: _DENIED,
+    errno.EPERM: _DENIED,
     errno.EROFS: "the file system is read-only: choose another output folder",
 }
 

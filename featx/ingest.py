@@ -128,9 +128,11 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
                     progress(i + 1, len(pending))
             for w in writers.values():
                 w.finish()
-        except BaseException:
+        except BaseException as e:
             for w in writers.values():
                 w.abort()
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = str(out)  # a failed write() names no file; say where it was
             raise
         new_shards = [st for w in writers.values() for st in w.written]
         stats = _finished(out)

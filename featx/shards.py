@@ -7,6 +7,7 @@ so the same samples give the same bytes on every run and machine.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -122,8 +123,12 @@ class ShardWriter:
         self.index += 1
 
     def abort(self) -> None:
+        """Drop the open shard's temporary; never raises (it runs while an error propagates,
+        e.g. a full disk, where closing the tar fails again)."""
         if self._tar is not None:
-            self._tar.close()
+            for close in (self._tar.close, self._file.close):
+                with contextlib.suppress(OSError):
+                    close()
             self._tmp.unlink(missing_ok=True)
             self._tar = None
 

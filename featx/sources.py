@@ -196,7 +196,10 @@ def _inside(path: str, root: str) -> bool:
 
 def _rel(path: str, root: str) -> str:
     rel = os.path.relpath(path, root)
-    return "" if rel == "." else Path(rel).as_posix()
+    rel = "" if rel == "." else Path(rel).as_posix()
+    # A file name need not be UTF-8 (Linux allows any bytes); show such bytes as \xNN so keys,
+    # JSON and Parquet always get valid text. The file itself is read by its real path.
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
 def _show(target: str, root: str) -> str:

@@ -82,3 +82,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# fault-injection figures: collected by tests/test_faults.py, printed at the end of the run
+
+_FAULT_FIGURES = pytest.StashKey[object]()
+
+
+@pytest.fixture(scope="session")
+def fault_figures(request):
+    """The session's FaultFigures; the fault tests add what they tried and what came out."""
+    from faults_support import FaultFigures
+
+    figures = FaultFigures()
+    request.config.stash[_FAULT_FIGURES] = figures
+    return figures
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    figures = config.stash.get(_FAULT_FIGURES, None)
+    if figures is not None:
+        terminalreporter.section("featx fault-injection summary")
+        for line in figures.lines():
+            terminalreporter.write_line(line)
