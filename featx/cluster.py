@@ -59,10 +59,24 @@ def init_ray(address: str | None, *, worker_logs: bool = True) -> float:
     }
     if address:
         ray.init(address=address, **kw)
-        log.info("connected to the Ray cluster at %s (%d node(s))", address, len(alive_nodes()))
+        log.info(
+            "connected to the Ray cluster at %s (%d node(s))", redact(address), len(alive_nodes())
+        )
     else:
         ray.init(include_dashboard=False, **kw)
     return round(time.perf_counter() - t0, 3)
+
+
+def redact(address: str) -> str:
+    """`address` fit for logs: credentials in a URL's user part become `***`."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    if not parts.username and not parts.password:
+        return address
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc)).removeprefix("//")
 
 
 def alive_nodes() -> list[dict]:
