@@ -73,6 +73,16 @@ def image_tree(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the module; featx processes join it with --ray-address."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run faster on one thread: intra-op sync costs more than it saves, and on a
     shared machine OpenMP spin-waits can make two threads 100x slower than one."""

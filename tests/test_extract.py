@@ -102,15 +102,6 @@ def visible_files(root: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def image_ds(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("image")
     for i in range(90):

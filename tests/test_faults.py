@@ -525,16 +525,6 @@ def test_full_disk_fails_with_a_clear_error_then_resumes_identically(tmp_path, f
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray for the module; featx processes join it with --ray-address."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def image_dataset(tmp_path_factory) -> tuple[Path, Path]:
     """A 3-class image dataset of 30 small shards and a random-init checkpoint for it."""
     import torch
