@@ -447,7 +447,6 @@ def _run(cfg, shards, card, model_dir, sha, stamp, summary, progress, t0) -> Non
             compute=ray.data.ActorPoolStrategy(size=cfg.workers),
             num_cpus=actor_cpus,
             num_gpus=1 if cfg.gpu else None,
-            scheduling_strategy="SPREAD",  # on a cluster, one actor per node before doubling up
         )
         ds.context.enable_progress_bars = False  # the caller shows progress
         ds.context.print_on_execution_start = False
