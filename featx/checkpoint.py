@@ -37,7 +37,10 @@ def save_model_dir(
     tmp.replace(folder / MODEL_FILE)
     tokenizer = None
     if card.get("tokenizer"):
-        shutil.copyfile(Path(dataset) / card["tokenizer"], folder / TOKENIZER_FILE)
+        from featx import storage
+
+        tokenizer_file = storage.local_path(storage.join(dataset, card["tokenizer"]))
+        shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
         tokenizer = TOKENIZER_FILE
     meta = {
         "featx_version": __version__,
@@ -67,8 +70,20 @@ def load_meta(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def resolve_model_dir(path: Path) -> Path:
-    """Accept a model directory or a training RUN_DIR (whose `best` link names the best one)."""
+def resolve_model_dir(path):
+    """Accept a model directory or a training RUN_DIR (whose `best` holds the best model);
+    either may be a local folder or an object-store URI."""
+    from featx import storage
+
+    if storage.is_uri(path):
+        for candidate in (path, storage.join(path, "best")):
+            if storage.exists(storage.join(candidate, META_FILE)):
+                return candidate
+        where = storage.display(path)
+        raise FileNotFoundError(
+            f"No model in {where}: expected {META_FILE} there or in {where}/best; "
+            "did `featx train ... --out` finish an epoch?"
+        )
     path = Path(path)
     if (path / META_FILE).exists():
         return path
@@ -82,9 +97,12 @@ def resolve_model_dir(path: Path) -> Path:
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from `featx.json` and load `model.pt` safely; returns (model, meta)."""
+    from featx import storage
     from featx.models import create_model
 
     folder = resolve_model_dir(folder)
+    if storage.is_uri(folder):
+        folder = storage.local_copy(folder)
     meta = load_meta(folder)
     model = create_model(**meta["model"])
     state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -53,8 +54,10 @@ def ingest(
         help="Class folders (SRC/<label>/...), a flat folder, "
         "or a .csv/.jsonl manifest (path, label, split[, text]).",
     ),
-    out: Path = typer.Argument(
-        ..., help="Output folder: <split>/shard-*.tar, dataset.json, rejected.jsonl."
+    out: str = typer.Argument(
+        ...,
+        help="Output folder: <split>/shard-*.tar, dataset.json, rejected.jsonl; or an "
+        "object-store URI (s3://bucket/prefix), staged locally and uploaded.",
     ),
     modality: str | None = typer.Option(
         None, help="image, text or audio; default: detect from file contents."
@@ -81,6 +84,15 @@ def ingest(
     max_chars: int = typer.Option(10_000, help="Text: longer documents are cut."),
     vocab_size: int = typer.Option(2000, help="Text: tokenizer vocabulary size."),
     overwrite: bool = typer.Option(False, help="Delete existing shards in OUT and start again."),
+    ray_address: str | None = typer.Option(
+        None,
+        envvar="RAY_ADDRESS",
+        help="Decode on this Ray cluster; this process reads the inputs and writes the shards. "
+        "Default: local processes.",
+    ),
+    summary_json: Path | None = typer.Option(
+        None, "--summary-json", help="Also write the run's summary as JSON to this file."
+    ),
 ) -> None:
     """Turn raw files into validated, deduplicated WebDataset shards with a dataset card.
 
@@ -107,8 +119,11 @@ def ingest(
         t.add_row(f"  {reason}", str(n))
     t.add_row("duplicates", str(summary.duplicates))
     t.add_row("shards (new / total)", f"{summary.shards_written} / {summary.shards_total}")
+    if summary.nodes:
+        t.add_row("Ray nodes", str(len(summary.nodes)))
     t.add_row("seconds", f"{summary.seconds:.1f}")
     console.print(t)
+    _write_summary(summary_json, summary.to_dict())
 
 
 @app.command()
@@ -258,11 +273,13 @@ def server(
 
 @app.command()
 def train(
-    dataset: Path = typer.Argument(..., help="Output folder of `featx ingest`."),
-    out: Path = typer.Option(
+    dataset: str = typer.Argument(
+        ..., help="Output folder of `featx ingest`, or its object-store URI (s3://...)."
+    ),
+    out: str = typer.Option(
         ...,
         "--out",
-        help="RUN_DIR: checkpoints, best/, metrics.csv, "
+        help="RUN_DIR (folder or s3://... URI): checkpoints, best/, metrics.csv, "
         "curves.png. Running again with the same RUN_DIR resumes.",
     ),
     model: str = typer.Option("cnn", help="Encoder family: cnn, rnn or attention."),
@@ -335,21 +352,24 @@ def train(
 
 @app.command()
 def extract(
-    dataset: Path = typer.Argument(
-        ..., help="Dataset folder written by `featx ingest` (holds dataset.json and shards)."
+    dataset: str = typer.Argument(
+        ...,
+        help="Dataset folder written by `featx ingest` (holds dataset.json and shards), "
+        "or its object-store URI.",
     ),
-    checkpoint: Path = typer.Option(
+    checkpoint: str = typer.Option(
         ...,
         "--checkpoint",
         "-c",
-        help="Model directory (featx.json + model.pt), or a training RUN_DIR: its best/ is used.",
+        help="Model directory (featx.json + model.pt), or a training RUN_DIR: its best/ is "
+        "used. Folder or URI.",
     ),
-    out: Path = typer.Option(
+    out: str = typer.Option(
         ...,
         "--out",
         "-o",
         help="FEATURES_DIR: `<split>/part-NNNNNN.parquet`, one per input shard, "
-        "and `_featx_features.json`.",
+        "and `_featx_features.json`; a folder or an object-store URI.",
     ),
     batch_size: int = typer.Option(64, help="Samples per forward pass."),
     workers: int = typer.Option(
@@ -504,6 +524,13 @@ _WRITE_ERRORS = {
 }
 
 
+_STORE_ERROR = re.compile(r"AWS Error|GCS|Azure|Bucket .* not found|HDFS", re.IGNORECASE)
+_STORE_HINT = (
+    "check the URI, the credentials (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a "
+    "profile) and, for an S3-compatible server, AWS_ENDPOINT_URL"
+)
+
+
 def main() -> None:
     try:
         app()
@@ -514,6 +541,10 @@ def main() -> None:
         console.print(f"[red]error[/]: {e}")
         sys.exit(2)
     except OSError as e:
+        if e.errno is None and _STORE_ERROR.search(str(e)):
+            # pyarrow's object-store errors: say so in one line, without a traceback.
+            console.print(f"[red]error[/]: object store: {e}; {_STORE_HINT}", soft_wrap=True)
+            sys.exit(1)
         if e.errno not in _WRITE_ERRORS:
             raise
         where = f": {e.filename}" if e.filename else ""

@@ -58,6 +58,7 @@ def init_ray(address: str | None, *, worker_logs: bool = True) -> float:
         "log_to_driver": worker_logs,
     }
     if address:
+        _token_mode_if_token()
         ray.init(address=address, **kw)
         log.info(
             "connected to the Ray cluster at %s (%d node(s))", redact(address), len(alive_nodes())
@@ -65,6 +66,23 @@ def init_ray(address: str | None, *, worker_logs: bool = True) -> float:
     else:
         ray.init(include_dashboard=False, **kw)
     return round(time.perf_counter() - t0, 3)
+
+
+def _token_mode_if_token() -> None:
+    """Joining a cluster by address, Ray uses token authentication only if RAY_AUTH_MODE says
+    so, even where a token is set up; featx turns it on when a token is there (RAY_AUTH_TOKEN,
+    the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token), so a token-secured cluster
+    needs nothing more. An explicit RAY_AUTH_MODE (e.g. `disabled`) is left as it is."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(path).is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        with contextlib.suppress(Exception):  # Ray caches its config at import: refresh it
+            from ray._raylet import Config
+
+            Config.initialize("")
+        log.info("a Ray auth token is set up: connecting with token authentication")
 
 
 def redact(address: str) -> str:
@@ -102,6 +120,9 @@ def check_shared(paths: dict[str, Path]) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from featx.storage import is_uri
+
+    paths = {what: Path(p) for what, p in paths.items() if not is_uri(p)}
     nodes = [n for n in alive_nodes() if n.get("Resources", {}).get("CPU", 0) > 0]
     if len(nodes) < 2:
         return

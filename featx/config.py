@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from featx.storage import Location, is_uri
+
 Modality = Literal["image", "text", "audio"]
 
 
@@ -63,7 +65,10 @@ class IngestConfig(StageConfig):
     """Options of `featx ingest`. Normalisation fields are recorded in the dataset card."""
 
     src: Path = Field(description="Class-folder tree, flat folder, or a .csv/.jsonl manifest.")
-    out: Path = Field(description="Output folder for shards, dataset.json and rejected.jsonl.")
+    out: Location = Field(
+        description="Output folder (or object-store URI, e.g. s3://bucket/ds) for shards, "
+        "dataset.json and rejected.jsonl."
+    )
     modality: Modality | None = Field(None, description="Force a modality; default: detect.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of samples for val.")
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of samples for test.")
@@ -90,6 +95,11 @@ class IngestConfig(StageConfig):
     min_chars: int = Field(1, ge=1, description="Shorter text is rejected.")
     vocab_size: int = Field(2000, ge=64, le=1_000_000, description="Tokenizer vocabulary.")
     overwrite: bool = Field(False, description="Delete existing output and start again.")
+    ray_address: str | None = Field(
+        None,
+        description="Decode on this Ray cluster (default: RAY_ADDRESS if set, else local "
+        "processes); this process reads the inputs and writes the shards.",
+    )
 
     @classmethod
     def cross_problems(cls, v: dict) -> list[str]:
@@ -119,9 +129,11 @@ class IngestConfig(StageConfig):
             problems.append(f"src: {self.src} does not exist")
         elif self.src.is_file() and self.src.suffix.lower() not in (".csv", ".jsonl"):
             problems.append(f"src: {self.src} is a file; give a folder or a .csv/.jsonl manifest")
-        if self.out.exists() and not self.out.is_dir():
+        if is_uri(self.out):  # an object store: checked when opened
+            pass
+        elif self.out.exists() and not self.out.is_dir():
             problems.append(f"out: {self.out} exists and is not a folder")
-        if self.src.is_dir() and self.out.resolve().is_relative_to(self.src.resolve()):
+        elif self.src.is_dir() and self.out.resolve().is_relative_to(self.src.resolve()):
             problems.append(f"out: {self.out} is inside src; write shards outside the input tree")
         if problems:
             raise ConfigError(problems)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from featx import __version__
+from featx import __version__, storage
 from featx.checkpoint import META_FILE, MODEL_FILE, load_meta, resolve_model_dir
 from featx.config import ConfigError, StageConfig
 from featx.features import (
@@ -39,6 +39,7 @@ from featx.fsutil import exclusive, sha256_file
 from featx.ingest import CARD, load_card
 from featx.shards import finished_shards, read_stats
 from featx.sources import SPLITS
+from featx.storage import Location, is_uri, location
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,13 @@ READ_CPUS = 0.5
 class ExtractConfig(StageConfig):
     """Options of `featx extract`."""
 
-    dataset: Path = Field(description="Dataset folder written by `featx ingest`.")
-    checkpoint: Path = Field(description="Model directory, or a training RUN_DIR (uses best/).")
-    out: Path = Field(description="Features folder: <split>/part-NNNNNN.parquet + manifest.")
+    dataset: Location = Field(description="Dataset folder (or URI) written by `featx ingest`.")
+    checkpoint: Location = Field(
+        description="Model directory, or a training RUN_DIR (uses best/); folder or URI."
+    )
+    out: Location = Field(
+        description="Features folder or URI: <split>/part-NNNNNN.parquet + manifest."
+    )
     batch_size: int = Field(64, ge=1, le=65536, description="Samples per forward pass.")
     workers: int = Field(1, ge=1, le=1024, description="Model actors (each loads the model).")
     gpu: bool = Field(False, description="Run each actor on one GPU.")
@@ -96,6 +101,10 @@ class _Shard:
     chunks: list = field(default_factory=list)  # rows received so far (embeddings, no pixels)
     received: int = 0
 
+    @property
+    def id(self) -> str:  # split/shard-NNNNNN.tar, as in the dataset card
+        return f"{self.split}/{storage.name(self.tar)}"
+
 
 def extract(
     dataset: Path,
@@ -132,6 +141,17 @@ def run_extract(
     cfg: ExtractConfig, progress: Callable[[int, int], None] | None = None
 ) -> ExtractSummary:
     """`extract` for an already validated config (what the CLI and the flows call)."""
+    if is_uri(cfg.out):
+        # Parts are written locally and pushed to the store after the manifest naming their
+        # model; a part in the store is complete (objects appear whole).
+        if cfg.overwrite:
+            storage.clear(cfg.out)
+        with storage.staged_output(cfg.out, last=("*.parquet",)) as local:
+            summary = run_extract(
+                cfg.model_copy(update={"out": local, "overwrite": False}), progress
+            )
+        summary.out = storage.display(cfg.out)
+        return summary
     t0 = time.perf_counter()
     card, meta, sha, model_dir, warnings = preflight(cfg)
     for w in warnings:
@@ -153,7 +173,7 @@ def run_extract(
         shards, skipped = _plan(cfg.dataset, out, sha)
         summary = ExtractSummary(
             out=str(out),
-            model_dir=str(model_dir),
+            model_dir=storage.display(model_dir),
             rows=0,
             total_rows=sum(skipped),
             files_written=0,
@@ -189,7 +209,7 @@ def preflight(cfg: ExtractConfig):
     """
     problems, warnings = [], []
     card = meta = sha = model_dir = None
-    if not (cfg.dataset / CARD).exists():
+    if not storage.exists(storage.join(cfg.dataset, CARD)):
         problems.append(
             f"dataset: no {CARD} in {cfg.dataset}: did you run `featx ingest SRC {cfg.dataset}`?"
         )
@@ -197,18 +217,20 @@ def preflight(cfg: ExtractConfig):
         card = load_card(cfg.dataset)
     try:
         model_dir = resolve_model_dir(cfg.checkpoint)
-        meta = load_meta(model_dir)
-        if not (model_dir / MODEL_FILE).exists():
-            problems.append(f"checkpoint: {model_dir} has {META_FILE} but no {MODEL_FILE}")
+        local = storage.local_copy(model_dir) if is_uri(model_dir) else model_dir
+        where = storage.display(model_dir)
+        meta = load_meta(local)
+        if not (local / MODEL_FILE).exists():
+            problems.append(f"checkpoint: {where} has {META_FILE} but no {MODEL_FILE}")
         else:
-            sha = sha256_file(model_dir / MODEL_FILE)
-        if meta.get("tokenizer") and not (model_dir / meta["tokenizer"]).exists():
+            sha = sha256_file(local / MODEL_FILE)
+        if meta.get("tokenizer") and not (local / meta["tokenizer"]).exists():
             problems.append(
-                f"checkpoint: {model_dir} names tokenizer {meta['tokenizer']!r}"
+                f"checkpoint: {where} names tokenizer {meta['tokenizer']!r}"
                 " but the file is missing; copy it back or retrain"
             )
         elif sha is not None:
-            problems += _check_loads(model_dir, meta)
+            problems += _check_loads(local, meta)
     except FileNotFoundError as e:
         problems.append(f"checkpoint: {e}")
     if card is not None and meta is not None:
@@ -249,11 +271,13 @@ def _check_loads(model_dir: Path, meta: dict) -> list[str]:
 
 def _check_out(cfg: ExtractConfig, sha: str | None) -> list[str]:
     out = cfg.out
+    if is_uri(out):
+        return []  # checked against its staging folder, once fetched, before any work
     if out.exists() and not out.is_dir():
         return [f"out: {out} exists and is not a folder"]
-    if cfg.dataset.exists() and out.resolve() == cfg.dataset.resolve():
+    if not is_uri(cfg.dataset) and cfg.dataset.exists() and out.resolve() == cfg.dataset.resolve():
         return [f"out: {out} is the dataset folder; write features to another folder"]
-    for s in SPLITS:
+    for s in SPLITS if not is_uri(cfg.dataset) else ():
         if out.resolve().is_relative_to((cfg.dataset / s).resolve()):
             return [f"out: {out} is inside the dataset's {s}/ shards; choose another folder"]
     if not out.is_dir():
@@ -281,18 +305,22 @@ def _manifest(cfg: ExtractConfig, card: dict, meta: dict, sha: str, model_dir: P
         "format": FORMAT,
         "featx_version": __version__,
         "checkpoint_sha256": sha,
-        "model_dir": str(model_dir.resolve()),
+        "model_dir": storage.display(_absolute(model_dir)),
         "model_name": meta["model_name"],
         "preset": meta["preset"],
         "modality": meta["modality"],
         "feature_dim": meta["feature_dim"],
         "model": meta["model"],
         "trained_on_fingerprint": meta.get("dataset_fingerprint"),
-        "dataset": str(cfg.dataset.resolve()),
+        "dataset": storage.display(_absolute(cfg.dataset)),
         "dataset_fingerprint": card["fingerprint"],
         "class_names": card["class_names"],
         "created_at": now,
     }
+
+
+def _absolute(loc):
+    return loc if is_uri(loc) else Path(loc).resolve()
 
 
 def _identity(manifest: dict) -> dict:
@@ -316,8 +344,8 @@ def _plan(dataset: Path, out: Path, sha: str) -> tuple[list[_Shard], list[int]]:
                 if m.get("shard_sha256") != st["sha256"] or m.get("checkpoint_sha256") != sha:
                     problems.append(
                         f"out: {part.relative_to(out)} was extracted from another version of "
-                        f"{split}/{tar.name} or another checkpoint (dataset re-ingested?); "
-                        "pass --overwrite to extract again"
+                        f"{split}/{storage.name(tar)} or another checkpoint (dataset "
+                        "re-ingested?); pass --overwrite to extract again"
                     )
                 done.append(st["samples"])
                 continue
@@ -346,12 +374,12 @@ class _Embedder:
         torch.set_num_threads(threads)
         self.torch = torch
         self.device = device
-        self.model, meta = load_model(Path(model_dir), device=device)
+        self.model, meta = load_model(location(model_dir), device=device)
         if meta["checkpoint_sha256"] != sha:
             raise RuntimeError(
                 f"{model_dir}/{MODEL_FILE} changed while extraction started; run again"
             )
-        tokenizer = Path(model_dir) / meta["tokenizer"] if meta.get("tokenizer") else None
+        tokenizer = Path(meta["model_dir"]) / meta["tokenizer"] if meta.get("tokenizer") else None
         self.collate = make_collate(meta["modality"], tokenizer_path=tokenizer, augment=False)
         import ray
 
@@ -390,7 +418,7 @@ def _run(cfg, shards, card, model_dir, sha, stamp, summary, progress, t0) -> Non
     import ray
 
     names = card["class_names"]
-    by_id = {f"{s.split}/{s.tar.name}": s for s in shards}
+    by_id = {s.id: s for s in shards}
     total = sum(s.samples for s in shards)
     from featx.cluster import alive_nodes, check_shared
 
@@ -408,7 +436,7 @@ def _run(cfg, shards, card, model_dir, sha, stamp, summary, progress, t0) -> Non
         if problems:
             raise ConfigError(problems)
         # Read tasks and model actors may run on any node of a cluster.
-        check_shared({"dataset": cfg.dataset.resolve(), "checkpoint": model_dir.resolve()})
+        check_shared({"dataset": cfg.dataset, "checkpoint": model_dir})
         # The pool never takes the CPUs a read task needs; torch gets about one thread per CPU
         # the actor reserved (rounded, at least one), so actors do not oversubscribe cores.
         actor_cpus = (cpus - READ_CPUS) / cfg.workers
@@ -429,7 +457,7 @@ def _run(cfg, shards, card, model_dir, sha, stamp, summary, progress, t0) -> Non
             ", 1 GPU each" if cfg.gpu else "",
         )
         ds = ray.data.read_webdataset(
-            [str(s.tar.resolve()) for s in shards],
+            [str(_absolute(s.tar)) for s in shards],
             decoder=None,  # raw bytes: featx decodes its own formats, never unpickles
             override_num_blocks=len(shards),
             num_cpus=READ_CPUS,
@@ -437,7 +465,7 @@ def _run(cfg, shards, card, model_dir, sha, stamp, summary, progress, t0) -> Non
         ds = ds.map_batches(
             _Embedder,
             fn_constructor_kwargs={
-                "model_dir": str(model_dir.resolve()),
+                "model_dir": str(_absolute(model_dir)),
                 "sha": sha,
                 "device": "cuda" if cfg.gpu else "cpu",
                 "threads": threads,
@@ -491,10 +519,10 @@ def _finish(s: _Shard, names: list[str], stamp: dict) -> None:
     try:
         order = np.argsort([positions[k] for k in keys], kind="stable")
     except KeyError as e:
-        raise RuntimeError(f"{s.split}/{s.tar.name}: key {e} is not in the shard's stats") from None
+        raise RuntimeError(f"{s.id}: key {e} is not in the shard's stats") from None
     if len(set(keys)) != len(keys) or len(keys) != s.samples:
         raise RuntimeError(
-            f"{s.split}/{s.tar.name}: got {len(keys)} rows with {len(set(keys))} distinct keys,"
+            f"{s.id}: got {len(keys)} rows with {len(set(keys))} distinct keys,"
             f" expected {s.samples}"
         )
     labels = [None if v < 0 else int(v) for v in cat["label"][order]]
@@ -507,7 +535,7 @@ def _finish(s: _Shard, names: list[str], stamp: dict) -> None:
         embeddings=np.stack(cat["embedding"][order])
         if cat["embedding"].dtype == object
         else cat["embedding"][order],
-        metadata={**stamp, "shard": f"{s.split}/{s.tar.name}", "shard_sha256": s.sha256},
+        metadata={**stamp, "shard": s.id, "shard_sha256": s.sha256},
     )
     s.part.parent.mkdir(parents=True, exist_ok=True)
     write_part(s.part, table)

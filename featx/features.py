@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from featx import storage
 from featx.fsutil import atomic_write_bytes
 from featx.sources import SPLITS
 
@@ -121,9 +122,11 @@ def read_features(path: str | Path, split: str | None = None):
     `path` is a features folder written by `featx extract` (or one part file); `split` keeps one
     split. Rows come split by split, shard by shard, in shard order, so `X[i]` is `df.iloc[i]`.
     """
-    path = Path(path)
     if split is not None and split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
+    if storage.is_uri(path):
+        return _to_numpy(_read_store(path, split))
+    path = Path(path)
     if path.is_file():
         files = [path]
     elif path.is_dir():
@@ -141,6 +144,26 @@ def read_features(path: str | Path, split: str | None = None):
     table = pa.concat_tables([pq.read_table(f) for f in files])
     if split is not None and path.is_file():
         table = table.filter(pc.equal(table["split"], split))
+    return _to_numpy(table)
+
+
+def _read_store(uri: str, split: str | None) -> pa.Table:
+    """The parts under an object-store URI (a features folder, or one part)."""
+    fs, root = storage.filesystem(uri)
+    if uri.endswith(".parquet"):
+        table = pq.read_table(root, filesystem=fs)
+        return table.filter(pc.equal(table["split"], split)) if split else table
+    splits = SPLITS if split is None else (split,)
+    files = [p for s in splits for p in storage.listdir(storage.join(uri, s), "part-*.parquet")]
+    if not files:
+        raise FileNotFoundError(
+            f"No features in {storage.display(uri)}: did you run `featx extract DATASET"
+            f" --checkpoint RUN_DIR --out {storage.display(uri)}`?"
+        )
+    return pa.concat_tables([pq.read_table(storage.filesystem(f)[1], filesystem=fs) for f in files])
+
+
+def _to_numpy(table: pa.Table):
     emb = table["embedding"].combine_chunks()
     dim = emb.type.list_size
     # flatten() honours slicing offsets; every embedding is non-null by the schema

@@ -13,7 +13,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        try:
+            f = open(tmp, "wb")  # noqa: SIM115 (closed below)
+        except OSError as e:
+            e.filename = str(path.parent)  # the folder to fix, not a hidden temporary
+            raise
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -54,7 +59,12 @@ def exclusive(folder: Path, what: str):
     """Hold `folder/.lock` while writing there; a second writer gets a clear error at once."""
     from featx.config import ConfigError
 
-    with open(Path(folder) / ".lock", "a") as f:  # "a": taking the lock must not touch it
+    try:
+        lock = open(Path(folder) / ".lock", "a")  # noqa: SIM115 ("a": taking it must not touch it)
+    except OSError as e:
+        e.filename = str(folder)  # the folder to fix, not the hidden lock file
+        raise
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

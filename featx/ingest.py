@@ -26,6 +26,7 @@ from featx.config import ConfigError, IngestConfig
 from featx.fsutil import atomic_write_text, exclusive, sha256_file
 from featx.shards import ShardWriter, finished_shards, read_stats, remove_partials
 from featx.sources import SPLITS, Item, Reject, discover
+from featx.storage import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class IngestSummary:
     shards_total: int = 0
     seconds: float = 0.0
     up_to_date: bool = False
+    nodes: list[str] = field(default_factory=list)  # Ray node ids that decoded (a cluster run)
 
     @property
     def duplicates(self) -> int:
@@ -72,6 +74,8 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
 
 def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None) -> IngestSummary:
     """Run ingest for `cfg`; `progress(done, total)` is called as inputs are processed."""
+    if is_uri(cfg.out):
+        return _ingest_to_store(cfg, progress)
     t0 = time.perf_counter()
     cfg.check_paths()
     out = cfg.out
@@ -100,22 +104,18 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         seen = {e["sha256"]: e["key"] for st in prior for e in st["entries"]}
         ingested = 0
         try:
-            for i, (item, res) in enumerate(_run(pending, modality, params, cfg.workers)):
+            _RAY_NODES.clear()
+            runs = _run(pending, modality, params, cfg.workers, cfg.ray_address)
+            for i, (item, res) in enumerate(runs):
                 if isinstance(res, N.Normalised) and res.sha256 in seen:
                     res = N.Rejected(N.DUPLICATE, f"duplicate of {seen[res.sha256]}", res.sha256)
                 if isinstance(res, N.Rejected):
-                    rejects.append(
-                        Reject(
-                            item.source,
-                            res.reason,
-                            res.detail,
-                            item.size,
-                            item.mtime_ns,
-                            res.sha256,
-                        )
+                    reject = Reject(
+                        item.source, res.reason, res.detail, item.size, item.mtime_ns, res.sha256
                     )
+                    rejects.append(reject)
                     writers[split_of(item.source, cfg.val_fraction, cfg.test_fraction)].note_reject(
-                        res.reason
+                        reject.record()
                     )
                 else:
                     key = sample_key(res.sha256, item.source)
@@ -164,24 +164,58 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         shards_total=len(stats),
         seconds=round(time.perf_counter() - t0, 3),
         up_to_date=up_to_date,
+        nodes=sorted(_RAY_NODES),
     )
 
 
-def load_card(dataset: Path) -> dict:
-    """The dataset card of an ingested folder, with a fix-it error when there is none."""
-    path = Path(dataset) / CARD
-    if not path.exists():
+def _ingest_to_store(cfg: IngestConfig, progress) -> IngestSummary:
+    """Ingest into a local staging folder and push it to the object store: a shard before its
+    stats, the stats before the card, so a store reader sees only complete shards."""
+    import pyarrow.fs as pafs
+
+    from featx import storage
+
+    uri = cfg.out
+    cfg.check_paths()
+    fs, root = storage.filesystem(uri)
+    top = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    names = {i.base_name for i in top}
+    if names and not names & {CARD, *SPLITS}:
+        raise ConfigError([f"out: {storage.display(uri)} holds objects but no featx shards"])
+    if cfg.overwrite:
+        storage.clear(uri)
+    with storage.staged_output(uri, last=("*/*_stats.json", TOKENIZER, REJECTED, CARD)) as local:
+        summary = ingest(cfg.model_copy(update={"out": local, "overwrite": False}), progress)
+    summary.out = storage.display(uri)
+    return summary
+
+
+def load_card(dataset) -> dict:
+    """The dataset card of an ingested folder or URI, with a fix-it error when there is none."""
+    from featx import storage
+
+    try:
+        return json.loads(storage.read_text(storage.join(dataset, CARD)))
+    except FileNotFoundError:
+        where = storage.display(dataset)
         raise FileNotFoundError(
-            f"No {CARD} in {dataset}: did you run `featx ingest SRC {dataset}`?"
-        )
-    return json.loads(path.read_text())
+            f"No {CARD} in {where}: did you run `featx ingest SRC {where}`?"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def _run(pending: list[Item], modality: str, params: N.Params, workers: int) -> Iterator:
-    """Yield (item, result) in input order, decoding on all cores."""
+def _run(
+    pending: list[Item], modality: str, params: N.Params, workers: int, ray_address: str | None
+) -> Iterator:
+    """Yield (item, result) in input order, decoding on all cores (of a Ray cluster if one is
+    named, else of this machine)."""
+    from featx.cluster import address_from
+
+    if address_from(ray_address) and pending:
+        yield from _run_on_ray(pending, modality, params, address_from(ray_address))
+        return
     workers = workers or os.cpu_count() or 1
     workers = min(workers, max(1, len(pending) // 8))
     args = [(it.path, it.text) for it in pending]
@@ -196,6 +230,45 @@ def _run(pending: list[Item], modality: str, params: N.Params, workers: int) -> 
     with ctx.Pool(workers, initializer=N.init_worker, initargs=(modality, params)) as pool:
         chunk = max(1, min(32, len(args) // (workers * 8)))
         yield from zip(pending, pool.imap(N.work, args, chunksize=chunk), strict=True)
+
+
+# Inputs per Ray task: enough to amortise a task's overhead (~1 ms), few enough to spread.
+RAY_CHUNK = 16
+
+
+def _run_on_ray(pending: list[Item], modality: str, params: N.Params, address: str) -> Iterator:
+    """Decode on a Ray cluster: this process reads the inputs (they need not be visible to
+    the nodes) and ships their bytes to one-CPU tasks, a bounded window at a time; results
+    come back in input order, so the shards are the same bytes as a local run's."""
+    from collections import deque
+
+    import ray
+
+    from featx.cluster import init_ray
+
+    if not ray.is_initialized():
+        init_ray(address, worker_logs=False)
+    task = ray.remote(num_cpus=1, max_retries=3)(N.process_chunk)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    inflight: deque = deque()
+
+    def results(chunk, ref):
+        node, out = ray.get(ref)
+        _RAY_NODES.add(node)
+        merged = iter(out)
+        return [(it, raw if isinstance(raw, N.Rejected) else next(merged)) for it, raw in chunk]
+
+    for start in range(0, len(pending), RAY_CHUNK):
+        chunk = [(it, N.read_input(it.path, it.text)) for it in pending[start : start + RAY_CHUNK]]
+        raws = [raw for _, raw in chunk if not isinstance(raw, N.Rejected)]
+        inflight.append((chunk, task.remote(raws, modality, params)))
+        if len(inflight) >= window:
+            yield from results(*inflight.popleft())
+    while inflight:
+        yield from results(*inflight.popleft())
+
+
+_RAY_NODES: set[str] = set()  # Ray node ids that decoded inputs in this process
 
 
 def _sample(key, split, item: Item, res: N.Normalised, modality, classes):
@@ -226,13 +299,19 @@ def _finished(out: Path) -> list[dict]:
 
 
 def _pending(out: Path, items: list[Item], rejects: list[Reject], prior: list[dict]):
-    """Inputs that no finished shard holds, minus decode rejects cached from the last run."""
+    """Inputs that no finished shard holds, minus rejects cached from earlier runs: decode
+    rejects from rejected.jsonl, and every reject a finished shard recorded (a run killed
+    before writing rejected.jsonl must not decode and count those inputs again)."""
     done = {e["source"]: e for st in prior for e in st["entries"]}
     cached = {}
     if (out / REJECTED).exists():
         for line in (out / REJECTED).read_text().splitlines():
             r = json.loads(line)
             if r["reason"] != N.DUPLICATE and r.get("mtime_ns"):
+                cached[(r["source"], r.get("size"), r["mtime_ns"])] = r
+    for st in prior:
+        for r in st.get("rejects", []):
+            if r.get("mtime_ns"):
                 cached[(r["source"], r.get("size"), r["mtime_ns"])] = r
     pending = []
     for it in items:

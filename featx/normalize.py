@@ -77,16 +77,33 @@ class Rejected:
 
 def process(path: str | None, text: str | None, modality: str, p: Params):
     """Normalise one input given by file path or inline text; returns Normalised or Rejected."""
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except PermissionError as e:
-            return Rejected(UNREADABLE, f"cannot read: {e.strerror}")
-        except OSError as e:
-            return Rejected(UNREADABLE, f"cannot read: {e.strerror or e}")
-    else:
-        raw = (text or "").encode("utf-8")
+    raw = read_input(path, text)
+    return raw if isinstance(raw, Rejected) else process_raw(raw, path, modality, p)
+
+
+def read_input(path: str | None, text: str | None) -> bytes | Rejected:
+    """The bytes of an input (a file, or inline manifest text), or why it cannot be read."""
+    if path is None:
+        return (text or "").encode("utf-8")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except PermissionError as e:
+        return Rejected(UNREADABLE, f"cannot read: {e.strerror}")
+    except OSError as e:
+        return Rejected(UNREADABLE, f"cannot read: {e.strerror or e}")
+
+
+def process_chunk(raws: list, modality: str, p: Params) -> tuple[str, list]:
+    """A Ray task: normalise inputs read by the driver; returns (node id, results)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return node, [process_raw(raw, None, modality, p) for raw in raws]
+
+
+def process_raw(raw: bytes, path: str | None, modality: str, p: Params):
+    """Normalise the bytes of one input; returns Normalised or Rejected."""
     if not raw:
         return Rejected(EMPTY, "0 bytes")
     sha = hashlib.sha256(raw).hexdigest()

@@ -68,6 +68,7 @@ class PipelineConfig(StageConfig):
             val_fraction=self.val_fraction,
             shard_samples=self.shard_samples,
             image_size=self.image_size,
+            ray_address=self.ray_address,
         )
 
     def train_config(self):

@@ -12,9 +12,12 @@ import io
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
+from featx import storage
 from featx.fsutil import atomic_write_text, fsync_dir, sha256_file
+from featx.storage import is_uri
 
 PAYLOADS = {"jpg": "image", "png": "image", "flac": "audio", "txt": "text"}
 
@@ -23,16 +26,19 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def stats_path(tar: Path) -> Path:
+def stats_path(tar):
+    if is_uri(tar):
+        return tar[: -len(".tar")] + "_stats.json"
     return tar.with_name(tar.name[: -len(".tar")] + "_stats.json")
 
 
-def finished_shards(out: Path, split: str) -> list[Path]:
-    """Complete shards of a split, in index order (a tar without its stats is not complete)."""
-    folder = out / split
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("shard-*.tar") if stats_path(p).exists())
+def finished_shards(out, split: str) -> list:
+    """Complete shards of a split, in index order (a tar without its stats is not complete).
+
+    `out` is a local folder or an object-store URI; so are the returned shards."""
+    folder = storage.join(out, split)
+    done = {str(p) for p in storage.listdir(folder, "shard-*_stats.json")}
+    return [t for t in storage.listdir(folder, "shard-*.tar") if str(stats_path(t)) in done]
 
 
 def remove_partials(out: Path) -> int:
@@ -67,7 +73,7 @@ class ShardWriter:
         self.extra_stats = extra_stats
         self.written: list[dict] = []  # stats of shards finished by this writer
         self._tar = None
-        self._errors: dict[str, int] = {}
+        self._rejects: list[dict] = []
 
     def write(self, sample: dict[str, bytes | str], entry: dict) -> None:
         size = sum(len(v) for k, v in sample.items() if not k.startswith("__"))
@@ -81,9 +87,11 @@ class ShardWriter:
         self._entries.append(entry)
         self._bytes += size
 
-    def note_reject(self, reason: str) -> None:
-        """Count a rejected input against the shard being filled (its stats' error histogram)."""
-        self._errors[reason] = self._errors.get(reason, 0) + 1
+    def note_reject(self, record: dict) -> None:
+        """Record a rejected input with the shard being filled: its stats list the rejects and
+        their histogram, so a resumed run knows them even if rejected.jsonl was never written
+        (and neither re-decodes nor counts them twice)."""
+        self._rejects.append(record)
 
     def _open(self) -> None:
         import webdataset as wds
@@ -91,7 +99,11 @@ class ShardWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._final = self.folder / shard_name(self.index)
         self._tmp = self.folder / f".{self._final.name}.tmp{os.getpid()}"
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed by finish/abort)
+        try:
+            self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed by finish/abort)
+        except OSError as e:
+            e.filename = str(self.folder)  # the folder to fix, not our hidden temporary
+            raise
         self._tar = wds.TarWriter(self._file, user="featx", group="featx", mtime=0)
         self._entries: list[dict] = []
         self._bytes = 0
@@ -110,7 +122,8 @@ class ShardWriter:
             "bytes": self._tmp.stat().st_size,
             "sha256": sha,
             "seconds": round(time.perf_counter() - self._t0, 3),
-            "errors": dict(sorted(self._errors.items())),
+            "errors": dict(sorted(Counter(r["reason"] for r in self._rejects).items())),
+            "rejects": self._rejects,
             **self.extra_stats,
             "entries": self._entries,
         }
@@ -118,7 +131,7 @@ class ShardWriter:
         os.replace(self._tmp, self._final)
         fsync_dir(self.folder)
         self.written.append(stats)
-        self._errors = {}
+        self._rejects = []
         self._tar = None
         self.index += 1
 
@@ -133,8 +146,8 @@ class ShardWriter:
             self._tar = None
 
 
-def read_stats(tar: Path) -> dict:
-    return json.loads(stats_path(tar).read_text())
+def read_stats(tar) -> dict:
+    return json.loads(storage.read_text(stats_path(tar)))
 
 
 def decode_sample(sample: dict) -> dict:

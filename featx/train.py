@@ -21,8 +21,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from featx import storage
 from featx.config import ConfigError, StageConfig
 from featx.ingest import load_card
+from featx.storage import Location, is_uri, location
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,13 @@ KEYS_DIR = "keys"
 class TrainConfig(StageConfig):
     """Options of `featx train`."""
 
-    dataset: Path = Field(description="Output folder of `featx ingest` (has dataset.json).")
-    out: Path = Field(description="RUN_DIR: checkpoints, best/, metrics.csv, curves.png.")
+    dataset: Location = Field(
+        description="Output folder (or object-store URI) of `featx ingest` (has dataset.json)."
+    )
+    out: Location = Field(
+        description="RUN_DIR (folder or object-store URI): checkpoints, best/, metrics.csv, "
+        "curves.png."
+    )
     model: Literal["cnn", "rnn", "attention"] = Field("cnn", description="Encoder family.")
     preset: str = Field("small", description="Model size preset (small, base).")
     workers: int = Field(2, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
@@ -80,7 +87,7 @@ class TrainConfig(StageConfig):
 
         if self.preset not in PRESETS[self.model]:
             problems.append(f"preset: {self.preset!r} unknown; known: {list(PRESETS[self.model])}")
-        if self.out.exists() and not self.out.is_dir():
+        if not is_uri(self.out) and self.out.exists() and not self.out.is_dir():
             problems.append(f"out: {self.out} exists and is not a folder")
         if problems:
             raise ConfigError(problems)
@@ -113,8 +120,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train `cfg.model` on `cfg.dataset` with Ray Train; returns the best model directory."""
     t0 = time.perf_counter()
     cfg.check_paths()
+    if not is_uri(cfg.out):
+        return _train(cfg, cfg.out.resolve(), None, t0)
+    # An object store: Ray Train writes checkpoints there directly (from any node); the driver
+    # keeps a local mirror for run.json, best/ and the curves, and pushes them back.
+    if cfg.overwrite:
+        storage.clear(cfg.out)
+    with storage.staged_output(cfg.out, last=("best/featx.json",)) as local:
+        result = _train(cfg.model_copy(update={"overwrite": False}), local, cfg.out, t0)
+    result.run_dir = storage.display(cfg.out)
+    result.best_dir = storage.display(storage.join(cfg.out, "best"))
+    return result
+
+
+def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainResult:
+    """Train with RUN_DIR `out` (a local folder; the staging mirror of `store` if given)."""
     card = load_card(cfg.dataset)
-    out = cfg.out.resolve()
     if cfg.overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +169,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if not ray.is_initialized():
         init_ray(cfg.ray_address)
     # Workers on any node read the shards and persist checkpoints into RUN_DIR.
-    check_shared({"dataset": cfg.dataset.resolve(), "out": out})
+    check_shared({"dataset": cfg.dataset, "out": store or out})
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
     cpus = cfg.cpus_per_worker or _default_cpus_per_worker(
         total_cpus, cfg.workers, reserve_for_data=cfg.loader == "ray"
@@ -165,7 +186,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         run = {"config": cfg.run_fingerprint(), "dataset": card["fingerprint"]}
         atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
-    dataset = cfg.dataset.resolve()
+        if store:
+            storage.push(out, store)  # so a driver elsewhere resumes with the same checks
+    dataset = cfg.dataset if is_uri(cfg.dataset) else cfg.dataset.resolve()
     splits = [s for s in ("train", "val") if card["counts"].get(s, {}).get("total", 0)]
     datasets = {}
     if cfg.loader == "ray":
@@ -187,7 +210,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "loader": cfg.loader,
         "splits": splits,
         "threads": max(1, int(cpus)),
-        "key_dir": str(out / KEYS_DIR) if cfg.log_keys else None,
+        "key_dir": str(storage.join(store or out, KEYS_DIR)) if cfg.log_keys else None,
     }
     # Ray Train's controller polls the workers every 2 s by default, so a finished run idles up
     # to 2 s before returning; 0.5 s costs nothing measurable. The driver's value propagates.
@@ -200,7 +223,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         ),
         run_config=RunConfig(
             name=RAY_RUN,
-            storage_path=str(out),
+            storage_path=store or str(out),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # Ray Train's own per-report INFO lines repeat the metrics featx logs per epoch.
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -218,6 +241,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     result = trainer.fit()
     if result.error:
         raise result.error
+    if store:  # the checkpoints Ray Train kept in the store, and only those
+        shutil.rmtree(out / RAY_RUN, ignore_errors=True)
+        storage.pull(store, out)
     _publish(out)
     return _result(out, cfg, t0, resumed_from_epoch=resumed)
 
@@ -242,9 +268,11 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     node_id = ray.get_runtime_context().get_node_id()
-    card, dataset = config["card"], Path(config["dataset"])
+    card, dataset = config["card"], location(config["dataset"])
     modality = card["modality"]
-    tokenizer = str(dataset / card["tokenizer"]) if card.get("tokenizer") else None
+    tokenizer = None
+    if card.get("tokenizer"):
+        tokenizer = storage.local_path(storage.join(dataset, card["tokenizer"]))
     vocab = None
     if tokenizer:
         from tokenizers import Tokenizer
@@ -327,7 +355,9 @@ def train_loop_per_worker(config: dict) -> None:
             return to_device(collate(_rows(raw)) for raw in raw_batches)
     else:
         urls = {
-            s: [str(dataset / sh["shard"]) for sh in card["shards"] if sh["split"] == s]
+            s: [
+                str(storage.join(dataset, sh["shard"])) for sh in card["shards"] if sh["split"] == s
+            ]
             for s in config["splits"]
         }
 
@@ -392,9 +422,10 @@ def train_loop_per_worker(config: dict) -> None:
             "nodes": len(set(rank_nodes)),
         }
         if config["key_dir"]:
-            kd = Path(config["key_dir"])
-            kd.mkdir(parents=True, exist_ok=True)
-            (kd / f"epoch{epoch + 1}-rank{rank}.txt").write_text("\n".join(keys_seen))
+            storage.write_text(
+                storage.join(location(config["key_dir"]), f"epoch{epoch + 1}-rank{rank}.txt"),
+                "\n".join(keys_seen),
+            )
         if rank == 0:
             if "val" in config["splits"]:
                 plain = make_collate(
@@ -474,13 +505,20 @@ def _share_of(urls: list[str], rank: int, world: int, seed: int | None, buffer: 
     order = list(urls)
     if seed is not None:
         rng.shuffle(order)
-    # nodesplitter/workersplitter off: the split below is by sample, not by shard.
-    raw = wds.WebDataset(order, shardshuffle=False, nodesplitter=None, workersplitter=None)
+    # Every rank reads every shard (the split below is by sample, not by shard), local or in
+    # an object store alike.
+    raw = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(_opened(order)))
     mine = (s for i, s in enumerate(raw) if i % world == rank)
     if seed is not None:
         mine = _shuffled(mine, buffer, rng)
     for s in mine:
         yield decode_sample({k: v for k, v in s.items() if k != "__url__"})
+
+
+def _opened(urls):
+    for url in urls:
+        with storage.open_input(url) as stream:
+            yield {"url": url, "stream": stream}
 
 
 def _shuffled(items, buffer: int, rng):
@@ -628,7 +666,7 @@ def _read_split(dataset: Path, card: dict, split: str, batch_size: int):
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
 
-    paths = [str(dataset / s["shard"]) for s in card["shards"] if s["split"] == split]
+    paths = [str(storage.join(dataset, s["shard"])) for s in card["shards"] if s["split"] == split]
     # decoder=None: members stay raw bytes; featx decodes them in the worker.
     ds = ray.data.read_webdataset(paths, decoder=None, override_num_blocks=len(paths))
     # Re-chunk into batch-sized blocks (fused into the read task, zero-copy) so the streaming

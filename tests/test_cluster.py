@@ -142,9 +142,12 @@ class LocalCluster:
         raise AssertionError(f"timed out waiting for {what}: {logs}")
 
     def featx(self, *args, timeout: float = 420) -> subprocess.CompletedProcess:
+        # Like a user's shell: the token file is set up, RAY_AUTH_MODE is not (featx sees the
+        # token and turns token mode on itself).
+        env = {k: v for k, v in self.env.items() if k != "RAY_AUTH_MODE"}
         return subprocess.run(
             [*FEATX, *map(str, args)],
-            env={**self.env, "RAY_ADDRESS": self.address},
+            env={**env, "RAY_ADDRESS": self.address},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -178,11 +181,15 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def shards(cluster, tmp_path_factory) -> Path:
-    """Ingested as a Ray job on the cluster: `ray job submit -- featx ingest ...`."""
+    """Ingested as a Ray job on the cluster: `ray job submit -- featx ingest ...` (inside the
+    job RAY_ADDRESS is set, so the decoding runs as Ray tasks across the nodes)."""
     root = tmp_path_factory.mktemp("cluster")
     src = colour_images(root / "src", n=320)
     out = root / "shards"
-    entry = f"{sys.executable} -m featx.cli ingest {src} {out} --shard-samples 64"
+    entry = (
+        f"{sys.executable} -m featx.cli ingest {src} {out} --shard-samples 64"
+        f" --summary-json {root / 'ingest.json'}"
+    )
     r = subprocess.run(
         [RAY, "job", "submit", "--address", f"http://127.0.0.1:{cluster.dashboard_port}",
          "--", *entry.split()],
@@ -197,6 +204,19 @@ def shards(cluster, tmp_path_factory) -> Path:
 def test_stages_run_on_more_than_one_node(cluster, shards, tmp_path):
     nodes = set(cluster.node_ids())
     assert len(nodes) == 2
+
+    # Ingest decoded on both nodes, and its shards are the bytes a local ingest writes.
+    assert set(json.loads((shards.parent / "ingest.json").read_text())["nodes"]) == nodes
+    local = tmp_path / "local-shards"
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(
+        [*FEATX, "ingest", shards.parent / "src", local, "--shard-samples", "64"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    tars = sorted(p.relative_to(shards) for p in shards.rglob("*.tar"))
+    assert tars and tars == sorted(p.relative_to(local) for p in local.rglob("*.tar"))
+    assert all((shards / t).read_bytes() == (local / t).read_bytes() for t in tars)
 
     summary = tmp_path / "train.json"
     r = cluster.featx(

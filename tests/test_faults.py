@@ -445,6 +445,7 @@ def test_read_only_output_fails_with_a_clear_error_and_changes_nothing(tmp_path,
             line = one_line_error(r.stderr)
             assert r.returncode == 1 and line, f"{what}: exit {r.returncode}\n{r.stderr[-3000:]}"
             assert str(folder) in line and ("ermission denied" in line or "ead-only" in line)
+            assert ".tmp" not in line, f"{what}: names a hidden temporary: {line}"
         assert list(ro.iterdir()) == []
         assert snapshot(out) == before  # finished shards, card and rejects untouched
     finally:

@@ -540,3 +540,33 @@ def test_cli_summary_and_up_to_date(image_tree, tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "val_fraction" in bad.stderr
+
+
+def test_rejects_are_counted_once_after_a_resume(tmp_path):
+    """A run killed after some shards but before rejected.jsonl and the card: the re-run must
+    not decode and count the inputs those shards already rejected a second time."""
+    src = tmp_path / "src"
+    for i in range(30):
+        make_image(src / ("a" if i % 2 else "b") / f"{i:02d}.png", seed=i)
+    for i in range(4):
+        (src / "a" / f"bad{i}.png").write_bytes(b"not an image %d" % i)
+    out = tmp_path / "ds"
+    cfg = IngestConfig.parse(src=src, out=out, shard_samples=5, val_fraction=0.0, workers=1)
+    ingest(cfg)
+    # What the killed run left: every shard but the last, no rejected.jsonl, no card.
+    (out / "rejected.jsonl").unlink()
+    (out / "dataset.json").unlink()
+    last = sorted((out / "train").glob("shard-*.tar"))[-1]
+    last.unlink()
+    last.with_name(last.stem + "_stats.json").unlink()
+
+    summary = ingest(cfg)
+    histogram: dict[str, int] = {}
+    for p in sorted(out.glob("*/*_stats.json")):
+        for reason, n in json.loads(p.read_text())["errors"].items():
+            histogram[reason] = histogram.get(reason, 0) + n
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert sorted(r["source"] for r in rejected) == [f"a/bad{i}.png" for i in range(4)]
+    assert sum(histogram.values()) == 4
+    assert summary.rejected == histogram == load_card(out)["rejected"]["by_reason"]
+    assert summary.total == 30

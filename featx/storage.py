@@ -1,0 +1,348 @@
+"""Where featx reads and writes: local folders, or object-store URIs (`s3://`, `gs://`, ...).
+
+A location is a `Path` (local) or a URI string. URIs go through pyarrow's file systems, which
+take credentials and endpoints from the usual places (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`,
+instance roles, ...); featx never copies them into logs, configs or outputs.
+
+Inputs (shards, tokenizers, model directories) are read from the store directly. Outputs are
+written into a local staging folder with featx's usual atomic writes and then *pushed*: files
+changed since the last push are uploaded, with the files that mark completion (a shard's stats,
+the dataset card, a features manifest) uploaded after the data they vouch for. An object only
+appears in a store when its upload completes, so a reader never sees half a file, and a killed
+run's staging folder resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+log = logging.getLogger(__name__)
+PUSHED = ".pushed.json"  # beside a staging folder: what was last pushed or pulled
+
+
+def is_uri(loc) -> bool:
+    """True for an object-store URI (`file://` counts as local)."""
+    return isinstance(loc, str) and bool(_SCHEME.match(loc)) and not loc.startswith("file://")
+
+
+def location(value):
+    """A Path for a local folder, the URI string for an object store."""
+    if isinstance(value, Path):
+        return value
+    if isinstance(value, str):
+        if value.startswith("file://"):
+            return Path(value[len("file://") :])
+        return value.rstrip("/") if is_uri(value) else Path(value)
+    return value
+
+
+# A config field that holds a local folder (a Path) or an object-store URI (a str).
+Location = Annotated[Path | str, BeforeValidator(location)]
+
+
+def display(loc) -> str:
+    """The location for logs and errors, with any credentials in the URI hidden."""
+    return _USERINFO.sub(r"\1***@", str(loc))
+
+
+def join(loc, *parts: str):
+    if is_uri(loc):
+        return "/".join([loc.rstrip("/"), *(p.strip("/") for p in parts)])
+    return Path(loc).joinpath(*parts)
+
+
+def name(loc) -> str:
+    return loc.rstrip("/").rsplit("/", 1)[-1] if is_uri(loc) else Path(loc).name
+
+
+def filesystem(loc):
+    """`(pyarrow FileSystem, path inside it)` for a location."""
+    import pyarrow.fs as pafs
+
+    if is_uri(loc):
+        try:
+            return pafs.FileSystem.from_uri(loc)
+        except ValueError as e:  # pyarrow's ArrowInvalid: an unknown scheme
+            from featx.config import ConfigError
+
+            raise ConfigError(
+                [f"{display(loc)}: not a storage URI pyarrow can open ({e})"]
+            ) from None
+    return pafs.LocalFileSystem(), str(Path(loc).absolute())
+
+
+def exists(loc) -> bool:
+    import pyarrow.fs as pafs
+
+    if not is_uri(loc):
+        return Path(loc).exists()
+    fs, path = filesystem(loc)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(loc) -> bytes:
+    if not is_uri(loc):
+        return Path(loc).read_bytes()
+    fs, path = filesystem(loc)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(loc) -> str:
+    return read_bytes(loc).decode("utf-8")
+
+
+def write_text(loc, text: str) -> None:
+    """Write a small file (local: atomically; objects appear whole anyway)."""
+    if not is_uri(loc):
+        from featx.fsutil import atomic_write_text
+
+        Path(loc).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(loc), text)
+        return
+    fs, path = filesystem(loc)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def open_input(loc):
+    """A binary stream (local file or object) to read from."""
+    if not is_uri(loc):
+        return open(loc, "rb")  # noqa: SIM115 (the caller closes it)
+    fs, path = filesystem(loc)
+    return fs.open_input_stream(path)
+
+
+def listdir(loc, pattern: str = "*") -> list:
+    """Files directly in folder `loc` whose names match `pattern`, sorted; [] if no folder."""
+    if not is_uri(loc):
+        folder = Path(loc)
+        return sorted(folder.glob(pattern)) if folder.is_dir() else []
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(loc)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern)
+    )
+    return [join(loc, n) for n in names]
+
+
+def local_path(loc) -> str:
+    """A path a library that wants a file name can read: the file itself, or a cached copy."""
+    if not is_uri(loc):
+        return str(loc)
+    data = read_bytes(loc)
+    cache = cache_root() / "objects" / hashlib.sha256(data).hexdigest()
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(cache)
+    return str(cache)
+
+
+def local_copy(uri: str) -> Path:
+    """A local copy of the folder at `uri` (a model directory): downloaded once per content.
+
+    The copy's name hashes the URI and its objects' sizes and times, so a changed folder gets
+    a fresh copy and concurrent readers never see one half-written."""
+    import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(uri)
+    infos = [
+        i
+        for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if i.type == pafs.FileType.File
+    ]
+    sig = hashlib.sha256(uri.encode())
+    for i in sorted(infos, key=lambda i: i.path):
+        sig.update(f"{i.path}\0{i.size}\0{i.mtime_ns}\n".encode())
+    dest = cache_root() / "copies" / f"{name(uri)[:40]}-{sig.hexdigest()[:16]}"
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".copy"))
+    try:
+        for i in infos:
+            target = tmp / i.path[len(root) :].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(i.path) as src, open(target, "wb") as f:
+                shutil.copyfileobj(src, f, 1 << 22)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process finished the same copy first
+            if not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEATX_CACHE", Path.home() / ".cache" / "featx"))
+
+
+def staging(uri: str) -> Path:
+    """The local folder that stages outputs for `uri` (stable, so a killed run resumes)."""
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "_", name(uri))[:40] or "root"
+    return cache_root() / "staging" / f"{tail}-{digest}"
+
+
+def _local_files(local: Path) -> dict[str, os.stat_result]:
+    files = {}
+    for root, dirs, names in os.walk(local):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for n in names:
+            if n.startswith("."):  # temporaries, locks, featx's own bookkeeping
+                continue
+            p = Path(root) / n
+            files[p.relative_to(local).as_posix()] = p.stat()
+    return files
+
+
+def _index(local: Path) -> dict:
+    try:
+        return json.loads(_index_path(local).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _save_index(local: Path, index: dict) -> None:
+    from featx.fsutil import atomic_write_text
+
+    atomic_write_text(_index_path(local), json.dumps(index, sort_keys=True))
+
+
+def _index_path(local: Path) -> Path:
+    # Beside the folder, not in it: the folder holds only the stage's own output.
+    return local.with_name(local.name + PUSHED)
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns]
+
+
+def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
+    """Download the files under `uri` that `local` lacks or has in another size; returns how
+    many. Paths matching a `skip` pattern are left out."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(uri)
+    local.mkdir(parents=True, exist_ok=True)
+    index = _index(local)
+    have = _local_files(local)
+    n = 0
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(root) :].lstrip("/")
+        if any(fnmatch.fnmatch(rel, p) for p in skip):
+            continue
+        if rel in have and have[rel].st_size == info.size:
+            continue
+        dest = local / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+        with fs.open_input_stream(info.path) as src, open(tmp, "wb") as f:
+            while block := src.read(1 << 22):
+                f.write(block)
+        tmp.replace(dest)
+        index[rel] = _stamp(dest.stat())
+        n += 1
+    _save_index(local, index)
+    return n
+
+
+def push(local: Path, uri: str, last: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> int:
+    """Upload the files of `local` changed since the last push or pull; returns how many.
+
+    Files matching the patterns in `last` go after all others, in the order of the patterns, so
+    a marker of completion never reaches the store before what it marks. Paths matching `skip`
+    stay local. Hidden files (temporaries, locks) never leave.
+    """
+    fs, root = filesystem(uri)
+    index = _index(local)
+    rank = {}
+    for rel, st in _local_files(local).items():
+        if any(fnmatch.fnmatch(rel, p) for p in skip) or index.get(rel) == _stamp(st):
+            continue
+        rank[rel] = next((i + 1 for i, p in enumerate(last) if fnmatch.fnmatch(rel, p)), 0)
+    n = 0
+    try:
+        for rel in sorted(rank, key=lambda r: (rank[r], r)):
+            src = local / rel
+            stamp = _stamp(src.stat())
+            with open(src, "rb") as f, fs.open_output_stream(f"{root}/{rel}") as out:
+                while block := f.read(1 << 22):
+                    out.write(block)
+            index[rel] = stamp
+            n += 1
+    finally:
+        _save_index(local, index)
+    return n
+
+
+def delete_tree(loc) -> None:
+    """Remove everything under `loc` (the store's objects, or a local folder)."""
+    import shutil
+
+    if not is_uri(loc):
+        shutil.rmtree(loc, ignore_errors=True)
+        return
+    fs, path = filesystem(loc)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
+@contextlib.contextmanager
+def staged_output(loc, *, last: tuple[str, ...] = (), skip: tuple[str, ...] = ()):
+    """Yield a local folder to write `loc`'s output into; push it to `loc` afterwards.
+
+    A local `loc` is yielded as it is. For a URI, the staging folder is first brought up to date
+    with what the store holds (so work done elsewhere is not redone), and pushed when the block
+    ends, also when it fails, so finished files of a failed run are kept.
+    """
+    if not is_uri(loc):
+        yield Path(loc)
+        return
+    local = staging(loc)
+    n = pull(loc, local, skip=skip)
+    if n:
+        log.info("fetched %d file(s) of %s into %s", n, display(loc), local)
+    try:
+        yield local
+    except BaseException:
+        try:
+            push(local, loc, last=last, skip=skip)
+        except Exception as e:  # the original error matters more
+            log.warning("could not push finished files to %s: %s", display(loc), e)
+        raise
+    n = push(local, loc, last=last, skip=skip)
+    log.info("pushed %d file(s) to %s", n, display(loc))
+
+
+def clear(loc) -> None:
+    """Delete an output location and, for a URI, its staging folder."""
+    import shutil
+
+    delete_tree(loc)
+    if is_uri(loc):
+        shutil.rmtree(staging(loc), ignore_errors=True)

@@ -1,0 +1,203 @@
+"""Object storage: the whole pipeline with shards, checkpoints and features on an S3 server.
+
+The server is moto's S3 in server mode, a separate process on loopback that speaks the S3 HTTP
+API; featx reaches it the way it reaches AWS, through pyarrow with AWS_ENDPOINT_URL and keys
+from the environment. The secret key is a canary: no output, staging file or log may hold it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_text
+
+from featx import storage
+from featx.config import ConfigError, IngestConfig
+from featx.extract import ExtractConfig, run_extract
+from featx.features import MANIFEST, read_features
+from featx.ingest import ingest, load_card
+from featx.train import RAY_RUN, TrainConfig, train
+
+BUCKET = "featx-test"
+CANARY = f"featx-canary-{uuid.uuid4().hex}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A running S3 server with one bucket; the AWS_* environment points featx at it."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log, "wb") as f:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "featx-test-key",
+        "AWS_SECRET_ACCESS_KEY": CANARY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "FEATX_CACHE": str(tmp_path_factory.mktemp("cache")),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs = pafs.S3FileSystem(allow_bucket_creation=True, endpoint_override=env["AWS_ENDPOINT_URL"])
+    fs.create_dir(BUCKET)
+    yield fs
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def objects(fs, prefix: str) -> dict[str, int]:
+    sel = pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True)
+    return {
+        i.path[len(BUCKET) + len(prefix) + 2 :]: i.size
+        for i in fs.get_file_info(sel)
+        if i.type == pafs.FileType.File
+    }
+
+
+def text_source(root: Path, n: int = 48) -> Path:
+    for i in range(n):
+        make_text(root / f"c{i % 2}" / f"{i:03d}.txt", seed=i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(s3, ray_cluster, tmp_path_factory):
+    """ingest -> train (2 workers) -> extract, every output in the bucket."""
+    src = text_source(tmp_path_factory.mktemp("src"))
+    ds, run, feats = (f"s3://{BUCKET}/{name}" for name in ("ds", "run", "features"))
+    ingested = ingest(
+        IngestConfig.parse(src=src, out=ds, shard_samples=8, val_fraction=0.25, workers=1)
+    )
+    trained = train(
+        TrainConfig.parse(
+            dataset=ds, out=run, model="rnn", epochs=2, batch_size=8, workers=2, log_keys=True
+        )
+    )
+    extracted = run_extract(ExtractConfig.parse(dataset=ds, checkpoint=run, out=feats))
+    return src, ds, run, feats, ingested, trained, extracted
+
+
+def test_pipeline_on_s3_and_pyarrow_reads_the_features(s3, pipeline):
+    src, ds, run, feats, ingested, trained, extracted = pipeline
+    card = load_card(ds)
+    assert ingested.total == card["counts"]["train"]["total"] + card["counts"]["val"]["total"]
+    assert ingested.total == 48
+
+    # Shards, their stats and the card are objects; nothing hidden (temporaries) leaked out.
+    shards = objects(s3, "ds")
+    assert {s["shard"] for s in card["shards"]} == {k for k in shards if k.endswith(".tar")}
+    assert all(k.replace(".tar", "_stats.json") in shards for k in shards if k.endswith(".tar"))
+    runs = objects(s3, "run")
+    ours = [
+        *shards,
+        *objects(s3, "features"),
+        *(k for k in runs if not k.startswith(f"{RAY_RUN}/")),
+    ]
+    assert ours and not [k for k in ours if "/." in f"/{k}"]
+
+    # Ray Train wrote its checkpoints to the bucket; best/, metrics and curves were pushed.
+    assert trained.epochs == 2 and trained.run_dir == run
+    assert any(k.startswith(f"{RAY_RUN}/checkpoint_") and k.endswith("model.pt") for k in runs)
+    assert {"best/featx.json", "best/model.pt", "best/tokenizer.json", "metrics.csv"} <= set(runs)
+    assert "curves.png" in runs and "run.json" in runs
+    # Both ranks read their share from the store: every train key once per epoch.
+    keys = [storage.read_text(f"{run}/keys/epoch1-rank{r}.txt").split("\n") for r in range(2)]
+    train_keys = {
+        e["key"]
+        for s in card["shards"]
+        if s["split"] == "train"
+        for e in json.loads(storage.read_text(f"{ds}/{s['shard'][:-4]}_stats.json"))["entries"]
+    }
+    assert sorted(keys[0] + keys[1]) == sorted(train_keys)
+
+    # Features: one part per shard, read straight from the bucket with pyarrow.
+    parts = objects(s3, "features")
+    assert MANIFEST in parts
+    assert len([k for k in parts if k.endswith(".parquet")]) == len(card["shards"])
+    table = pq.read_table(f"{BUCKET}/features/train", filesystem=s3)
+    assert table.num_rows == card["counts"]["train"]["total"]
+    assert sorted(table["key"].to_pylist()) == sorted(train_keys)
+    X, df = read_features(feats)
+    assert X.shape == (48, extracted.feature_dim) and df["key"].is_unique
+    assert extracted.rows == 48 and extracted.out == feats
+
+
+def test_rerun_elsewhere_redoes_nothing(s3, pipeline, tmp_path, monkeypatch):
+    """A re-run from a machine with an empty cache fetches what the store holds and finds
+    every stage up to date: nothing is ingested, trained or extracted twice."""
+    src, ds, run, feats, *_ = pipeline
+    before = {p: objects(s3, p) for p in ("ds", "run", "features")}
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "fresh-cache"))
+    again = ingest(IngestConfig.parse(src=src, out=ds, shard_samples=8, val_fraction=0.25))
+    assert again.up_to_date and again.ingested == 0
+    trained = train(
+        TrainConfig.parse(dataset=ds, out=run, model="rnn", epochs=2, batch_size=8, workers=2)
+    )
+    assert trained.up_to_date
+    extracted = run_extract(ExtractConfig.parse(dataset=ds, checkpoint=run, out=feats))
+    assert extracted.up_to_date and extracted.rows == 0
+    assert {p: objects(s3, p) for p in before} == before
+
+
+def test_no_secret_reaches_outputs_staging_or_logs(s3, pipeline):
+    """The secret key sits in the environment of every process of the run; it must not be
+    written to any object (Parquet metadata, manifests, cards, checkpoints), any staging or
+    cache file, or any Ray log."""
+    _, ds, run, feats, *_ = pipeline
+    needle = CANARY.encode()
+    leaks = []
+    for prefix in ("ds", "run", "features"):
+        for key in objects(s3, prefix):
+            if needle in storage.read_bytes(f"s3://{BUCKET}/{prefix}/{key}"):
+                leaks.append(f"s3://{BUCKET}/{prefix}/{key}")
+    files = [p for p in Path(os.environ["FEATX_CACHE"]).rglob("*") if p.is_file()]
+    ray_logs = Path("/tmp/ray/session_latest/logs")
+    files += [p for p in ray_logs.rglob("*") if p.is_file()] if ray_logs.is_dir() else []
+    assert files, "nothing was scanned"
+    leaks += [str(p) for p in files if needle in p.read_bytes()]
+    assert not leaks
+
+
+def test_an_unknown_scheme_or_a_non_featx_prefix_is_refused(s3, tmp_path):
+    src = text_source(tmp_path / "src", n=4)
+    with pytest.raises(ConfigError, match="nosuch://"):
+        ingest(IngestConfig.parse(src=src, out="nosuch://bucket/ds"))
+    with s3.open_output_stream(f"{BUCKET}/other/notes.txt") as f:
+        f.write(b"not featx")
+    with pytest.raises(ConfigError, match="holds objects but no featx shards"):
+        ingest(IngestConfig.parse(src=src, out=f"s3://{BUCKET}/other"))
+    assert objects(s3, "other") == {"notes.txt": 9}
