@@ -142,6 +142,32 @@ def listdir(loc, pattern: str = "*") -> list:
     return [join(loc, n) for n in names]
 
 
+def glob(loc, pattern: str) -> list:
+    """Files under folder `loc` whose path relative to it matches `pattern` (fnmatch: `*`
+    crosses folders), sorted."""
+    if not is_uri(loc):
+        root = Path(loc)
+        return (
+            sorted(
+                p
+                for p in root.rglob("*")
+                if p.is_file() and fnmatch.fnmatch(p.relative_to(root).as_posix(), pattern)
+            )
+            if root.is_dir()
+            else []
+        )
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(loc)
+    sel = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    rels = sorted(
+        i.path[len(path) :].lstrip("/")
+        for i in fs.get_file_info(sel)
+        if i.type == pafs.FileType.File
+    )
+    return [join(loc, r) for r in rels if fnmatch.fnmatch(r, pattern)]
+
+
 def local_path(loc) -> str:
     """A path a library that wants a file name can read: the file itself, or a cached copy."""
     if not is_uri(loc):

@@ -711,6 +711,13 @@ def _checkpoints(out: Path) -> list[tuple[Path, dict]]:
     return sorted(found, key=lambda cm: cm[1]["epoch"])
 
 
+def latest_epoch(run_dir) -> int:
+    """The epoch of the newest complete checkpoint in RUN_DIR (a folder or a URI); 0 if none.
+    Cheap enough to poll: it reads only the checkpoints' featx.json."""
+    metas = storage.glob(storage.join(run_dir, RAY_RUN), "checkpoint_*/featx.json")
+    return max((json.loads(storage.read_text(m))["epoch"] for m in metas), default=0)
+
+
 def _latest_state(out: Path) -> dict | None:
     ckpts = _checkpoints(out)
     return ckpts[-1][1] if ckpts else None

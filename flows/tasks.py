@@ -20,6 +20,7 @@ from prefect.artifacts import (
 )
 
 from featx.config import IngestConfig
+from featx.storage import location
 
 
 class _Progress:
@@ -78,7 +79,7 @@ class _EpochWatcher:
     """
 
     def __init__(self, run_dir: Path, epochs: int) -> None:
-        self.run_dir, self.epochs = Path(run_dir), epochs
+        self.run_dir, self.epochs = location(run_dir), epochs
         self.bar = create_progress_artifact(progress=0.0, description=f"train {run_dir}")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -96,13 +97,12 @@ class _EpochWatcher:
             self._update()
 
     def _update(self) -> None:
-        from featx.train import _latest_state
+        from featx.train import latest_epoch
 
         try:
-            state = _latest_state(self.run_dir)
+            done = latest_epoch(self.run_dir)
         except (OSError, ValueError):  # a checkpoint being written right now
             return
-        done = state["epoch"] if state else 0
         update_progress_artifact(self.bar, progress=100.0 * min(done, self.epochs) / self.epochs)
 
 

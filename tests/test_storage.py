@@ -26,7 +26,7 @@ from featx.config import ConfigError, IngestConfig
 from featx.extract import ExtractConfig, run_extract
 from featx.features import MANIFEST, read_features
 from featx.ingest import ingest, load_card
-from featx.train import RAY_RUN, TrainConfig, train
+from featx.train import RAY_RUN, TrainConfig, latest_epoch, train
 
 BUCKET = "featx-test"
 CANARY = f"featx-canary-{uuid.uuid4().hex}"
@@ -134,6 +134,7 @@ def test_pipeline_on_s3_and_pyarrow_reads_the_features(s3, pipeline):
     assert any(k.startswith(f"{RAY_RUN}/checkpoint_") and k.endswith("model.pt") for k in runs)
     assert {"best/featx.json", "best/model.pt", "best/tokenizer.json", "metrics.csv"} <= set(runs)
     assert "curves.png" in runs and "run.json" in runs
+    assert latest_epoch(run) == 2  # what the train flow's progress bar polls
     # Both ranks read their share from the store: every train key once per epoch.
     keys = [storage.read_text(f"{run}/keys/epoch1-rank{r}.txt").split("\n") for r in range(2)]
     train_keys = {
