@@ -7,12 +7,14 @@ only what no finished shard holds, into new shards, so a killed run resumes to t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from featx import __version__
 from featx import normalize as N
 from featx.config import ConfigError, IngestConfig
 from featx.fsutil import atomic_write_text, exclusive, sha256_file
+from featx.normalize import sample_key, split_of  # noqa: F401 (part of this module's API)
 from featx.shards import ShardWriter, finished_shards, read_stats, remove_partials
 from featx.sources import SPLITS, Item, Reject, discover
 from featx.storage import is_uri
@@ -55,21 +58,6 @@ class IngestSummary:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "duplicates": self.duplicates}
-
-
-def sample_key(sha256: str, source: str) -> str:
-    """Stable key from content and relative path; no dots or slashes (WebDataset splits on them)."""
-    return f"{sha256[:20]}_{hashlib.blake2b(source.encode(), digest_size=4).hexdigest()}"
-
-
-def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
-    """Deterministic split from a hash of the key: the same on every run and machine."""
-    u = int(hashlib.sha256(key.encode()).hexdigest()[:15], 16) / 16**15
-    if u < val_fraction:
-        return "val"
-    if u < val_fraction + test_fraction:
-        return "test"
-    return "train"
 
 
 def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None) -> IngestSummary:
@@ -105,7 +93,8 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         ingested = 0
         try:
             _RAY_NODES.clear()
-            runs = _run(pending, modality, params, cfg.workers, cfg.ray_address)
+            sample_layout = N.Layout(modality, classes, cfg.val_fraction, cfg.test_fraction)
+            runs = _run(pending, params, sample_layout, cfg.workers, cfg.ray_address)
             for i, (item, res) in enumerate(runs):
                 if isinstance(res, N.Normalised) and res.sha256 in seen:
                     res = N.Rejected(N.DUPLICATE, f"duplicate of {seen[res.sha256]}", res.sha256)
@@ -118,11 +107,8 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
                         reject.record()
                     )
                 else:
-                    key = sample_key(res.sha256, item.source)
-                    split = item.split or split_of(key, cfg.val_fraction, cfg.test_fraction)
-                    sample, entry = _sample(key, split, item, res, modality, classes)
-                    writers[split].write(sample, entry)
-                    seen[res.sha256] = key
+                    writers[res.split].write(res.tar, _entry(item, res))
+                    seen[res.sha256] = res.key
                     ingested += 1
                 if progress:
                     progress(i + 1, len(pending))
@@ -207,36 +193,60 @@ def load_card(dataset) -> dict:
 
 
 def _run(
-    pending: list[Item], modality: str, params: N.Params, workers: int, ray_address: str | None
+    pending: list[Item], params: N.Params, layout: N.Layout, workers: int, ray_address: str | None
 ) -> Iterator:
-    """Yield (item, result) in input order, decoding on all cores (of a Ray cluster if one is
-    named, else of this machine)."""
+    """Yield (item, result) in input order, decoding and encoding on all cores (of a Ray
+    cluster if one is named, else of this machine)."""
     from featx.cluster import address_from
 
     if address_from(ray_address) and pending:
-        yield from _run_on_ray(pending, modality, params, address_from(ray_address))
+        yield from _run_on_ray(pending, params, layout, address_from(ray_address))
         return
     workers = workers or os.cpu_count() or 1
     workers = min(workers, max(1, len(pending) // 8))
-    args = [(it.path, it.text) for it in pending]
+    args = [(it.path, it.text, it.source, it.label, it.split) for it in pending]
     if workers <= 1:
-        N.init_worker(modality, params)
+        N.init_worker(params, layout)
         yield from zip(pending, map(N.work, args), strict=True)
         return
     # forkserver: a fork of a threaded parent (Prefect, Ray clients) can deadlock. Workers
     # import only featx.normalize (Pillow, soundfile), not torch.
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["featx.normalize"])
-    with ctx.Pool(workers, initializer=N.init_worker, initargs=(modality, params)) as pool:
-        chunk = max(1, min(32, len(args) // (workers * 8)))
+    with _main_not_rerun():
+        pool = ctx.Pool(workers, initializer=N.init_worker, initargs=(params, layout))
+    with pool:
+        chunk = max(1, min(8, len(args) // (workers * 8)))
         yield from zip(pending, pool.imap(N.work, args, chunksize=chunk), strict=True)
+
+
+@contextlib.contextmanager
+def _main_not_rerun():
+    """Start pool workers without re-running the program's main module in each of them.
+
+    forkserver children import `__main__` again (for `featx ingest`, the CLI with typer, rich
+    and pydantic: 0.1-0.3 s per worker, most of a small ingest's start-up), and Python 3.11's
+    "__main__" preload, meant to share that import, never receives the path. The workers
+    need nothing from `__main__` (their code is featx.normalize), so it is hidden from
+    multiprocessing while the workers start.
+    """
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+        if "__spec__" not in saved:
+            del main.__spec__
 
 
 # Inputs per Ray task: enough to amortise a task's overhead (~1 ms), few enough to spread.
 RAY_CHUNK = 16
 
 
-def _run_on_ray(pending: list[Item], modality: str, params: N.Params, address: str) -> Iterator:
+def _run_on_ray(pending: list[Item], params: N.Params, layout: N.Layout, address: str) -> Iterator:
     """Decode on a Ray cluster: this process reads the inputs (they need not be visible to
     the nodes) and ships their bytes to one-CPU tasks, a bounded window at a time; results
     come back in input order, so the shards are the same bytes as a local run's."""
@@ -260,8 +270,9 @@ def _run_on_ray(pending: list[Item], modality: str, params: N.Params, address: s
 
     for start in range(0, len(pending), RAY_CHUNK):
         chunk = [(it, N.read_input(it.path, it.text)) for it in pending[start : start + RAY_CHUNK]]
-        raws = [raw for _, raw in chunk if not isinstance(raw, N.Rejected)]
-        inflight.append((chunk, task.remote(raws, modality, params)))
+        ok = [(it, raw) for it, raw in chunk if not isinstance(raw, N.Rejected)]
+        infos = [(it.source, it.label, it.split) for it, _ in ok]
+        inflight.append((chunk, task.remote([raw for _, raw in ok], infos, params, layout)))
         if len(inflight) >= window:
             yield from results(*inflight.popleft())
     while inflight:
@@ -271,27 +282,15 @@ def _run_on_ray(pending: list[Item], modality: str, params: N.Params, address: s
 _RAY_NODES: set[str] = set()  # Ray node ids that decoded inputs in this process
 
 
-def _sample(key, split, item: Item, res: N.Normalised, modality, classes):
-    meta = {
-        "source": item.source,
-        "label": item.label,
-        "split": split,
-        "sha256": res.sha256,
-        "modality": modality,
-        "original": res.original,
-    }
-    sample = {"__key__": key, res.ext: res.payload, "json": json.dumps(meta, sort_keys=True)}
-    if item.label is not None:
-        sample["cls"] = str(classes[item.label])
-    entry = {
-        "key": key,
+def _entry(item: Item, res: N.Normalised) -> dict:
+    return {
+        "key": res.key,
         "source": item.source,
         "label": item.label,
         "sha256": res.sha256,
         "size": item.size,
         "mtime_ns": item.mtime_ns,
     }
-    return sample, entry
 
 
 def _finished(out: Path) -> list[dict]:

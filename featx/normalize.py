@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
+import tarfile
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -60,12 +62,25 @@ class Params:
     min_chars: int = 1
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a worker needs to turn a normalised input into its shard bytes."""
+
+    modality: str
+    classes: dict  # label -> class id
+    val_fraction: float
+    test_fraction: float
+
+
 @dataclass
 class Normalised:
     sha256: str
     ext: str  # payload member: jpg, png, flac or txt
     payload: bytes
     original: dict = field(default_factory=dict)
+    key: str = ""  # set by `encode`, which also replaces payload with the sample's tar bytes
+    split: str = ""
+    tar: bytes = b""
 
 
 @dataclass
@@ -94,12 +109,68 @@ def read_input(path: str | None, text: str | None) -> bytes | Rejected:
         return Rejected(UNREADABLE, f"cannot read: {e.strerror or e}")
 
 
-def process_chunk(raws: list, modality: str, p: Params) -> tuple[str, list]:
-    """A Ray task: normalise inputs read by the driver; returns (node id, results)."""
+def process_chunk(raws: list, infos: list, p: Params, layout: Layout) -> tuple[str, list]:
+    """A Ray task: normalise and encode inputs read by the driver; returns (node id, results).
+    `infos[i]` is the (source, label, split) of `raws[i]`."""
     import ray
 
     node = ray.get_runtime_context().get_node_id()
-    return node, [process_raw(raw, None, modality, p) for raw in raws]
+    out = []
+    for raw, info in zip(raws, infos, strict=True):
+        res = process_raw(raw, None, layout.modality, p)
+        out.append(encode(res, *info, layout) if isinstance(res, Normalised) else res)
+    return node, out
+
+
+def sample_key(sha256: str, source: str) -> str:
+    """Stable key from content and relative path; no dots or slashes (WebDataset splits on them)."""
+    return f"{sha256[:20]}_{hashlib.blake2b(source.encode(), digest_size=4).hexdigest()}"
+
+
+def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from a hash of the key: the same on every run and machine."""
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:15], 16) / 16**15
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def encode(res: Normalised, source: str, label, split: str | None, layout: Layout) -> Normalised:
+    """Give `res` its key and split and build its tar members (payload, json, cls) here, in
+    the worker: the one process that writes the shards then only appends bytes."""
+    res.key = sample_key(res.sha256, source)
+    res.split = split or split_of(res.key, layout.val_fraction, layout.test_fraction)
+    meta = {
+        "source": source,
+        "label": label,
+        "split": res.split,
+        "sha256": res.sha256,
+        "modality": layout.modality,
+        "original": res.original,
+    }
+    members = {res.ext: res.payload, "json": json.dumps(meta, sort_keys=True).encode()}
+    if label is not None:
+        members["cls"] = str(layout.classes[label]).encode()
+    res.tar = tar_members(res.key, members)
+    res.payload = b""  # travels once, inside res.tar
+    return res
+
+
+def tar_members(key: str, members: dict[str, bytes]) -> bytes:
+    """One sample's tar members as webdataset's TarWriter lays them out (extensions sorted,
+    fixed owner, mode and time, so the same sample gives the same bytes), with ustar headers
+    from tarfile and each member padded to tar's 512-byte blocks."""
+    out = []
+    for ext in sorted(members):
+        data = members[ext]
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uname = info.gname = "featx"
+        out += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data]
+        out.append(tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
+    return b"".join(out)
 
 
 def process_raw(raw: bytes, path: str | None, modality: str, p: Params):
@@ -118,17 +189,21 @@ def process_raw(raw: bytes, path: str | None, modality: str, p: Params):
     return Normalised(sha, ext, payload, original)
 
 
-_worker: tuple[str, Params] | None = None
+_worker: tuple[Params, Layout] | None = None
 
 
-def init_worker(modality: str, params: Params) -> None:
+def init_worker(params: Params, layout: Layout) -> None:
     """Pool initializer: the arguments every call of `work` shares."""
     global _worker
-    _worker = (modality, params)
+    _worker = (params, layout)
 
 
-def work(arg: tuple[str | None, str | None]):
-    return process(arg[0], arg[1], *_worker)
+def work(arg: tuple):
+    """(path, text, source, label, split) -> an encoded Normalised, or Rejected."""
+    path, text, *info = arg
+    params, layout = _worker
+    res = process(path, text, layout.modality, params)
+    return encode(res, *info, layout) if isinstance(res, Normalised) else res
 
 
 def sniff(path: str) -> str | None:

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -72,18 +73,19 @@ class ShardWriter:
         self.max_bytes = max_bytes
         self.extra_stats = extra_stats
         self.written: list[dict] = []  # stats of shards finished by this writer
-        self._tar = None
+        self._file = None
         self._rejects: list[dict] = []
 
-    def write(self, sample: dict[str, bytes | str], entry: dict) -> None:
-        size = sum(len(v) for k, v in sample.items() if not k.startswith("__"))
-        if self._tar is not None and (
+    def write(self, members: bytes, entry: dict) -> None:
+        """Append one sample: its tar members, as `normalize.tar_members` built them."""
+        size = len(members)
+        if self._file is not None and (
             len(self._entries) >= self.max_samples or self._bytes + size > self.max_bytes
         ):
             self.finish()
-        if self._tar is None:
+        if self._file is None:
             self._open()
-        self._tar.write(sample)
+        self._file.write(members)
         self._entries.append(entry)
         self._bytes += size
 
@@ -94,8 +96,6 @@ class ShardWriter:
         self._rejects.append(record)
 
     def _open(self) -> None:
-        import webdataset as wds
-
         self.folder.mkdir(parents=True, exist_ok=True)
         self._final = self.folder / shard_name(self.index)
         self._tmp = self.folder / f".{self._final.name}.tmp{os.getpid()}"
@@ -104,16 +104,20 @@ class ShardWriter:
         except OSError as e:
             e.filename = str(self.folder)  # the folder to fix, not our hidden temporary
             raise
-        self._tar = wds.TarWriter(self._file, user="featx", group="featx", mtime=0)
         self._entries: list[dict] = []
         self._bytes = 0
         self._t0 = time.perf_counter()
 
     def finish(self) -> None:
         """Close the open shard: fsync, write its stats, then rename it into place."""
-        if self._tar is None:
+        if self._file is None:
             return
-        self._tar.close()  # closes self._file too
+        # The end of a tar archive, as tarfile writes it: two zero blocks, then zeros up to
+        # a whole record.
+        end = self._file.tell() + 2 * tarfile.BLOCKSIZE
+        self._file.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        self._file.write(tarfile.NUL * (-end % tarfile.RECORDSIZE))
+        self._file.close()
         sha = sha256_file(self._tmp, fsync=True)
         stats = {
             "shard": f"{self.split}/{self._final.name}",
@@ -132,18 +136,17 @@ class ShardWriter:
         fsync_dir(self.folder)
         self.written.append(stats)
         self._rejects = []
-        self._tar = None
+        self._file = None
         self.index += 1
 
     def abort(self) -> None:
         """Drop the open shard's temporary; never raises (it runs while an error propagates,
         e.g. a full disk, where closing the tar fails again)."""
-        if self._tar is not None:
-            for close in (self._tar.close, self._file.close):
-                with contextlib.suppress(OSError):
-                    close()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._tmp.unlink(missing_ok=True)
-            self._tar = None
+            self._file = None
 
 
 def read_stats(tar) -> dict:

@@ -137,6 +137,7 @@ def main() -> dict:
         runs: dict[str, list[float]] = {"baseline": [], "featx_1": [], "featx_2": []}
         mem: dict[str, list[float]] = {k: [] for k in runs}
         growth: dict[int, dict[str, list[float]]] = {k: {"s": [], "mb": []} for k in scales[1:]}
+        base_top: list[float] = []  # the baseline at the largest size, for steady-state rates
         for r in range(args.repeats):
             for name, fn, extra in (
                 ("baseline", baseline, ()),
@@ -157,6 +158,11 @@ def main() -> dict:
                 growth[k]["s"].append(sec)
                 growth[k]["mb"].append(peak)
                 shutil.rmtree(out)
+                if k == scales[-1]:
+                    out = tmp / f"baseline-{k}x-{r}"
+                    sec, n, _ = timed(baseline, srcs[k][0], out, tree=False)
+                    base_top.append(sec)
+                    shutil.rmtree(out)
         med = {k: statistics.median(v) for k, v in runs.items()}
         result = {
             "stage": "ingest",
@@ -183,6 +189,26 @@ def main() -> dict:
             },
             "seconds_runs": {k: [round(x, 3) for x in v] for k, v in runs.items()},
         }
+        if base_top:
+            # Steady state: the extra samples of the largest size over the extra seconds, so
+            # the fixed costs (pool start, first decodes, card) cancel, as for extract.
+            k, extra = scales[-1], args.n * (scales[-1] - 1)
+            f_top = statistics.median(growth[k]["s"])
+            result["steady"] = {
+                "scale": f"{k}x",
+                "baseline_samples_per_s": round(
+                    extra / (statistics.median(base_top) - med["baseline"]), 1
+                ),
+                "featx_2_samples_per_s": round(extra / (f_top - med["featx_2"]), 1),
+                "featx_2_fixed_s": round(
+                    med["featx_2"] - args.n * (f_top - med["featx_2"]) / extra, 3
+                ),
+                "baseline_fixed_s": round(
+                    med["baseline"]
+                    - args.n * (statistics.median(base_top) - med["baseline"]) / extra,
+                    3,
+                ),
+            }
         return emit(result, args.json)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
