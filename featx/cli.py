@@ -170,8 +170,10 @@ def demo(
 @app.command()
 def pipeline(
     src: Path = typer.Argument(..., help="Raw input (class folders or manifest)."),
-    workdir: Path = typer.Option(
-        Path(".runs/pipeline"), help="shards/, run/, features/, report.md go here."
+    workdir: str = typer.Option(
+        ".runs/pipeline",
+        help="shards/, run/, features/, report.md go here: a folder or an object-store URI "
+        "(s3://bucket/prefix).",
     ),
     model: str = typer.Option("cnn", help="Encoder family: cnn, rnn or attention."),
     epochs: int = typer.Option(8, help="Training epochs."),
@@ -183,9 +185,11 @@ def pipeline(
 
     Uses the Prefect server in PREFECT_API_URL when set, otherwise a temporary local one.
     """
+    from featx.storage import is_uri
     from flows.runtime import ensure_database, use_prefect_home
 
-    use_prefect_home(workdir / "prefect")
+    # Prefect's state stays on this machine (SQLite), also for a workdir in an object store.
+    use_prefect_home(Path(".runs/pipeline" if is_uri(workdir) else workdir) / "prefect")
     ensure_database()
     from featx.pipeline import PipelineConfig
     from flows.pipeline import pipeline_flow
@@ -422,14 +426,16 @@ def extract(
 
 @app.command()
 def probe(
-    features: Path = typer.Argument(..., help="FEATURES_DIR written by `featx extract`."),
+    features: str = typer.Argument(
+        ..., help="FEATURES_DIR written by `featx extract` (a folder or an object-store URI)."
+    ),
     baseline: bool = typer.Option(
         True, help="Compare with the same architecture's random-init features."
     ),
-    baseline_checkpoint: Path | None = typer.Option(
+    baseline_checkpoint: str | None = typer.Option(
         None, help="Compare with this model's features instead of a random-init one."
     ),
-    dataset: Path | None = typer.Option(
+    dataset: str | None = typer.Option(
         None, help="Dataset for the baseline's features; default: the one extract recorded."
     ),
     seed: int = typer.Option(0, help="Seed of the random-init baseline and the probe."),

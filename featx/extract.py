@@ -272,7 +272,10 @@ def _check_loads(model_dir: Path, meta: dict) -> list[str]:
 def _check_out(cfg: ExtractConfig, sha: str | None) -> list[str]:
     out = cfg.out
     if is_uri(out):
-        return []  # checked against its staging folder, once fetched, before any work
+        ds = str(cfg.dataset).rstrip("/")
+        if out == ds or any(out.startswith(f"{ds}/{s}/") or out == f"{ds}/{s}" for s in SPLITS):
+            return [f"out: {storage.display(out)} is the dataset or inside its shards"]
+        return []  # the rest is checked against its staging folder once fetched, before work
     if out.exists() and not out.is_dir():
         return [f"out: {out} exists and is not a folder"]
     if not is_uri(cfg.dataset) and cfg.dataset.exists() and out.resolve() == cfg.dataset.resolve():

@@ -258,7 +258,9 @@ def _run_on_ray(pending: list[Item], params: N.Params, layout: N.Layout, address
 
     if not ray.is_initialized():
         init_ray(address, worker_logs=False)
-    task = ray.remote(num_cpus=1, max_retries=3)(N.process_chunk)
+    # SPREAD: decode work fans out over every node, instead of piling onto the node that
+    # holds the inputs' bytes (this one) while the others start their workers.
+    task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(N.process_chunk)
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     inflight: deque = deque()
 

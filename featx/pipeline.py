@@ -13,7 +13,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from featx import storage
 from featx.config import IngestConfig, Modality, StageConfig
+from featx.storage import Location
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -22,8 +24,10 @@ class PipelineConfig(StageConfig):
     """Options of the pipeline flow (and of `featx demo` for each sample dataset)."""
 
     src: Path = Field(REPO_DATA / "images", description="Raw input: class folders or manifest.")
-    workdir: Path = Field(
-        Path(".runs/pipeline"), description="Stage outputs: shards/, run/, features/, report.md."
+    workdir: Location = Field(
+        Path(".runs/pipeline"),
+        description="Stage outputs: shards/, run/, features/, report.md (a folder or an "
+        "object-store URI).",
     )
     modality: Modality | None = Field(None, description="Force a modality; default: detect.")
     model: Literal["cnn", "rnn", "attention"] = Field("cnn", description="Encoder family.")
@@ -45,20 +49,20 @@ class PipelineConfig(StageConfig):
             raise ConfigError([f"src: {self.src} does not exist"])
 
     @property
-    def shards(self) -> Path:
-        return self.workdir / "shards"
+    def shards(self):
+        return storage.join(self.workdir, "shards")
 
     @property
-    def run_dir(self) -> Path:
-        return self.workdir / "run"
+    def run_dir(self):
+        return storage.join(self.workdir, "run")
 
     @property
-    def features(self) -> Path:
-        return self.workdir / "features"
+    def features(self):
+        return storage.join(self.workdir, "features")
 
     @property
-    def report(self) -> Path:
-        return self.workdir / "report.md"
+    def report(self):
+        return storage.join(self.workdir, "report.md")
 
     def ingest_config(self) -> IngestConfig:
         return IngestConfig.parse(
@@ -134,7 +138,7 @@ def summarise(
         "extract": extracted,
         "probe": probed,
         "features": str(cfg.features),
-        "curves": str(cfg.run_dir / "curves.png"),
+        "curves": str(storage.join(cfg.run_dir, "curves.png")),
         "report": str(cfg.report),
         "seconds": round(seconds, 1),
     }
@@ -163,11 +167,8 @@ def report_markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(path: Path, summary: dict) -> None:
-    from featx.fsutil import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, report_markdown(summary))
+def write_report(path, summary: dict) -> None:
+    storage.write_text(path, report_markdown(summary))
 
 
 def _f(v) -> str:

@@ -61,6 +61,27 @@ def probe(
     with random weights (`seed`); its features are extracted from `dataset` (default: the one
     recorded in the manifest) into FEATURES_DIR/_baseline/features. `baseline=False` skips it.
     """
+    from featx import storage
+
+    if storage.is_uri(features_dir):
+        # Probe a local copy (it reads every row anyway); the baseline's features go back.
+        with storage.staged_output(features_dir, last=("*.parquet",)) as local:
+            result = probe(
+                local,
+                baseline_checkpoint,
+                baseline=baseline,
+                dataset=dataset,
+                seed=seed,
+                batch_size=batch_size,
+                workers=workers,
+                ray_address=ray_address,
+            )
+        result.features_dir = storage.display(features_dir)
+        if result.baseline_dir:
+            result.baseline_dir = storage.display(
+                storage.join(features_dir, BASELINE_DIR, "features")
+            )
+        return result
     t0 = time.perf_counter()
     features_dir = Path(features_dir)
     manifest = read_manifest(features_dir)
@@ -172,22 +193,25 @@ def _baseline_features(
     features_dir, manifest, checkpoint, dataset, seed, batch_size, workers, ray_address
 ) -> Path:
     """Extract baseline features into FEATURES_DIR/_baseline/features (cached across runs)."""
+    from featx import storage
     from featx.checkpoint import MODEL_FILE, resolve_model_dir
     from featx.extract import extract
     from featx.fsutil import sha256_file
 
     root = features_dir / BASELINE_DIR
-    dataset = Path(dataset or manifest["dataset"])
-    if not (dataset / "dataset.json").exists():
+    dataset = storage.location(dataset or manifest["dataset"])
+    if not storage.exists(storage.join(dataset, "dataset.json")):
         raise FileNotFoundError(
             f"the baseline needs the dataset the features came from, and {dataset} holds no "
             "dataset.json; pass dataset=<folder> (--dataset) or baseline=False (--no-baseline)"
         )
     model_dir = (
-        resolve_model_dir(checkpoint)
+        resolve_model_dir(storage.location(checkpoint))
         if checkpoint
         else _random_model(root / "model", manifest, dataset, seed)
     )
+    if storage.is_uri(model_dir):
+        model_dir = storage.local_copy(model_dir)
     out = root / "features"
     old = read_manifest(out)
     # The folder is probe's cache: another baseline model replaces it instead of being refused.
@@ -211,11 +235,14 @@ def _random_model(folder: Path, manifest: dict, dataset: Path, seed: int) -> Pat
 
     import torch
 
+    from featx import storage
     from featx.checkpoint import META_FILE, load_meta, save_model_dir
     from featx.ingest import load_card
     from featx.models import create_model
 
-    source = Path(manifest["model_dir"])
+    source = storage.location(manifest["model_dir"])
+    if storage.is_uri(source):
+        source = storage.local_copy(source)
     if (folder / META_FILE).exists():
         meta = json.loads((folder / META_FILE).read_text())
         if meta.get("model") == manifest["model"] and meta.get("baseline_seed") == seed:

@@ -1,8 +1,10 @@
 """A real multi-node Ray cluster on this machine: `ray start` head and worker nodes.
 
-The nodes share the loopback address (one machine), but each is its own `ray start` process
-tree with its own raylet, so Ray schedules across them as across machines. Stages reach the
-cluster through RAY_ADDRESS (and `ray job submit`), with token authentication on.
+Each node is its own `ray start` process tree with its own raylet, so Ray schedules across them
+as across machines. Where the machine allows (root, `ip netns`), every worker node runs in its
+own network namespace with its own address on a bridge, as on separate hosts; otherwise the
+nodes share the loopback address. Stages reach the cluster through RAY_ADDRESS (and `ray job
+submit`), with token authentication on.
 """
 
 from __future__ import annotations
@@ -34,6 +36,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Network:
+    """A bridge with the head's address, and one network namespace per worker node on it."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.bridge, self.prefix = f"fxb{tag}", f"fx{tag}"
+        self.subnet = f"10.{77 + os.getpid() % 50}.{os.getpid() % 250}"
+        self.head_ip = f"{self.subnet}.1"
+        self.spaces: list[str] = []
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self._ip("addr", "add", f"{self.head_ip}/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+
+    @staticmethod
+    def available() -> bool:
+        probe = f"fxprobe{os.getpid()}"
+        ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+        if ok:
+            subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        return ok and shutil.which("ip") is not None
+
+    def _ip(self, *args: str) -> None:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True)
+        assert r.returncode == 0, f"ip {' '.join(args)}: {r.stderr}"
+
+    def add(self) -> tuple[str, list[str]]:
+        """A new namespace wired to the bridge: (its address, the command prefix to run in it)."""
+        i = len(self.spaces) + 1
+        ns, veth = f"{self.prefix}n{i}", f"{self.prefix}v{i}"
+        self._ip("netns", "add", ns)
+        self.spaces.append(ns)
+        self._ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        self._ip("link", "set", veth, "master", self.bridge, "up")
+        addr = f"{self.subnet}.{10 + i}"
+        for args in (
+            ("addr", "add", f"{addr}/24", "dev", "eth0"),
+            ("link", "set", "eth0", "up"),
+            ("link", "set", "lo", "up"),
+        ):
+            self._ip("netns", "exec", ns, "ip", *args)
+        return addr, ["ip", "netns", "exec", ns]
+
+    def close(self) -> None:
+        for ns in self.spaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+
 class LocalCluster:
     """Head and worker nodes as separate `ray start --block` process groups."""
 
@@ -51,8 +101,11 @@ class LocalCluster:
         }
         self.env.pop("RAY_ADDRESS", None)
         self.port, self.dashboard_port = _free_port(), _free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.net = Network() if Network.available() else None
+        self.head_ip = self.net.head_ip if self.net else "127.0.0.1"
+        self.address = f"{self.head_ip}:{self.port}"
         self.nodes: dict[str, subprocess.Popen] = {}
+        self.ips: dict[str, str] = {}  # node name -> its address
 
     def _ports(self) -> list[str]:
         # Every node on one machine needs its own agent and metrics ports.
@@ -68,22 +121,24 @@ class LocalCluster:
     def start_head(self) -> None:
         cmd = [
             RAY, "start", "--head", "--block", "--port", str(self.port),
-            "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+            "--node-ip-address", self.head_ip, "--num-cpus", "1",
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
             "--temp-dir", str(self.root / "ray"), *self._ports(),
         ]  # fmt: skip
-        self._launch("head", cmd)
+        self._launch("head", cmd, self.net.bridge if self.net else None)
         self.wait_for_nodes(1)
 
     def add_node(self, name: str, wrap: list[str] | None = None) -> str:
         """Start a worker node with one CPU; returns its node id once the GCS lists it."""
         before = set(self.node_ids())
+        ip, netns = self.net.add() if self.net else ("127.0.0.1", [])
+        self.ips[name] = ip
         cmd = [
             RAY, "start", "--address", self.address, "--block", "--num-cpus", "1",
-            "--node-ip-address", "127.0.0.1", *self._ports(),
+            "--node-ip-address", ip, *self._ports(),
         ]  # fmt: skip
         for attempt in (1, 2):
-            self._launch(name, (wrap or []) + cmd)
+            self._launch(name, netns + (wrap or []) + cmd, "eth0" if self.net else None)
 
             def joined():
                 if self.nodes[name].poll() is not None:  # Ray gave up starting the node
@@ -100,10 +155,15 @@ class LocalCluster:
                 self.kill(name)
         raise AssertionError("unreachable")
 
-    def _launch(self, name: str, cmd: list[str]) -> None:
+    def _launch(self, name: str, cmd: list[str], interface: str | None = None) -> None:
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        env = dict(self.env)
+        if interface:
+            # The namespaces share one hostname, which resolves to loopback; tell gloo (torch
+            # DDP on CPUs) which interface carries the node's address, as on multi-NIC hosts.
+            env["GLOO_SOCKET_IFNAME"] = interface
         self.nodes[name] = subprocess.Popen(
-            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def kill(self, name: str) -> None:
@@ -153,9 +213,24 @@ class LocalCluster:
             timeout=timeout,
         )
 
+    def node_addresses(self) -> dict[str, str]:
+        """Node id -> the address the node registered with (from the cluster's GCS)."""
+        code = (
+            f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR');"
+            "print(json.dumps({n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes() "
+            "if n['Alive']}))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=90
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     def shutdown(self) -> None:
         for name in list(self.nodes):
             self.kill(name)
+        if self.net:
+            self.net.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -204,6 +279,10 @@ def shards(cluster, tmp_path_factory) -> Path:
 def test_stages_run_on_more_than_one_node(cluster, shards, tmp_path):
     nodes = set(cluster.node_ids())
     assert len(nodes) == 2
+    if cluster.net:  # each node on its own address, as separate hosts
+        assert sorted(cluster.node_addresses().values()) == sorted(
+            [cluster.head_ip, cluster.ips["worker1"]]
+        )
 
     # Ingest decoded on both nodes, and its shards are the bytes a local ingest writes.
     assert set(json.loads((shards.parent / "ingest.json").read_text())["nodes"]) == nodes

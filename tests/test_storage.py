@@ -26,6 +26,7 @@ from featx.config import ConfigError, IngestConfig
 from featx.extract import ExtractConfig, run_extract
 from featx.features import MANIFEST, read_features
 from featx.ingest import ingest, load_card
+from featx.pipeline import PipelineConfig, run_pipeline
 from featx.train import RAY_RUN, TrainConfig, latest_epoch, train
 
 BUCKET = "featx-test"
@@ -98,7 +99,8 @@ def text_source(root: Path, n: int = 48) -> Path:
 def pipeline(s3, ray_cluster, tmp_path_factory):
     """ingest -> train (2 workers) -> extract, every output in the bucket."""
     src = text_source(tmp_path_factory.mktemp("src"))
-    ds, run, feats = (f"s3://{BUCKET}/{name}" for name in ("ds", "run", "features"))
+    # The layout of the pipeline's workdir, so the pipeline can re-run over it.
+    ds, run, feats = (f"s3://{BUCKET}/{name}" for name in ("shards", "run", "features"))
     ingested = ingest(
         IngestConfig.parse(src=src, out=ds, shard_samples=8, val_fraction=0.25, workers=1)
     )
@@ -118,7 +120,7 @@ def test_pipeline_on_s3_and_pyarrow_reads_the_features(s3, pipeline):
     assert ingested.total == 48
 
     # Shards, their stats and the card are objects; nothing hidden (temporaries) leaked out.
-    shards = objects(s3, "ds")
+    shards = objects(s3, "shards")
     assert {s["shard"] for s in card["shards"]} == {k for k in shards if k.endswith(".tar")}
     assert all(k.replace(".tar", "_stats.json") in shards for k in shards if k.endswith(".tar"))
     runs = objects(s3, "run")
@@ -157,21 +159,35 @@ def test_pipeline_on_s3_and_pyarrow_reads_the_features(s3, pipeline):
     assert extracted.rows == 48 and extracted.out == feats
 
 
-def test_rerun_elsewhere_redoes_nothing(s3, pipeline, tmp_path, monkeypatch):
-    """A re-run from a machine with an empty cache fetches what the store holds and finds
-    every stage up to date: nothing is ingested, trained or extracted twice."""
+def test_pipeline_rerun_elsewhere_redoes_nothing_then_probes(s3, pipeline, tmp_path, monkeypatch):
+    """The pipeline over the same bucket, from a machine with an empty cache: it fetches what
+    the store holds, finds ingest, train and extract up to date (no object changes), and adds
+    the probe's baseline features and the report to the bucket."""
     src, ds, run, feats, *_ = pipeline
-    before = {p: objects(s3, p) for p in ("ds", "run", "features")}
+    before = {p: objects(s3, p) for p in ("shards", "run", "features")}
     monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "fresh-cache"))
-    again = ingest(IngestConfig.parse(src=src, out=ds, shard_samples=8, val_fraction=0.25))
-    assert again.up_to_date and again.ingested == 0
-    trained = train(
-        TrainConfig.parse(dataset=ds, out=run, model="rnn", epochs=2, batch_size=8, workers=2)
+    cfg = PipelineConfig.parse(
+        src=src,
+        workdir=f"s3://{BUCKET}",
+        model="rnn",
+        epochs=2,
+        batch_size=8,
+        lr=2e-3,
+        workers=2,
+        shard_samples=8,
+        val_fraction=0.25,
     )
-    assert trained.up_to_date
-    extracted = run_extract(ExtractConfig.parse(dataset=ds, checkpoint=run, out=feats))
-    assert extracted.up_to_date and extracted.rows == 0
-    assert {p: objects(s3, p) for p in before} == before
+    s = run_pipeline(cfg)
+    assert s["ingest"]["up_to_date"] and s["ingest"]["ingested"] == 0
+    assert s["train"]["up_to_date"]
+    assert s["extract"]["up_to_date"] and s["extract"]["rows"] == 0
+    after = {p: objects(s3, p) for p in before}
+    baseline = {k for k in after["features"] if k.startswith("_baseline/")}
+    after["features"] = {k: v for k, v in after["features"].items() if k not in baseline}
+    assert after == before
+    assert any(k.endswith(".parquet") for k in baseline) and s["probe"]["accuracy"] is not None
+    assert s["probe"]["baseline_dir"] == f"{feats}/_baseline/features"
+    assert storage.read_text(f"s3://{BUCKET}/report.md").startswith("# featx pipeline")
 
 
 def test_no_secret_reaches_outputs_staging_or_logs(s3, pipeline):
@@ -181,7 +197,7 @@ def test_no_secret_reaches_outputs_staging_or_logs(s3, pipeline):
     _, ds, run, feats, *_ = pipeline
     needle = CANARY.encode()
     leaks = []
-    for prefix in ("ds", "run", "features"):
+    for prefix in ("shards", "run", "features"):
         for key in objects(s3, prefix):
             if needle in storage.read_bytes(f"s3://{BUCKET}/{prefix}/{key}"):
                 leaks.append(f"s3://{BUCKET}/{prefix}/{key}")
@@ -202,3 +218,16 @@ def test_an_unknown_scheme_or_a_non_featx_prefix_is_refused(s3, tmp_path):
     with pytest.raises(ConfigError, match="holds objects but no featx shards"):
         ingest(IngestConfig.parse(src=src, out=f"s3://{BUCKET}/other"))
     assert objects(s3, "other") == {"notes.txt": 9}
+
+
+def test_locations_and_redaction():
+    assert storage.location("s3://bucket/ds/") == "s3://bucket/ds"
+    assert storage.location("file:///data/ds") == Path("/data/ds")
+    assert storage.location("data/ds") == Path("data/ds")
+    assert storage.join("s3://bucket/ds", "train", "shard-000000.tar") == (
+        "s3://bucket/ds/train/shard-000000.tar"
+    )
+    assert storage.display("s3://AKIAKEY:s3cret@bucket/ds") == "s3://***@bucket/ds"
+    assert "s3cret" not in storage.display("gs://user:s3cret@bucket")
+    a, b = storage.staging("s3://a/ds"), storage.staging("s3://b/ds")
+    assert a != b and a.name.startswith("ds-")  # one staging folder per URI
