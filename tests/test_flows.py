@@ -79,10 +79,18 @@ def test_ingest_flow_retries_a_transient_failure(harness, tmp_path):
     assert {r["class"] for r in rows} == {"red", "blue"}
 
 
-def test_pipeline_flow_end_to_end_then_rerun_skips_work(harness, ray_local, tmp_path):
+def test_pipeline_flow_end_to_end_then_rerun_skips_work(harness, ray_local, tmp_path, monkeypatch):
+    import os
+    import uuid
+
     from featx.features import read_features
     from featx.pipeline import PipelineConfig
     from flows.pipeline import pipeline_flow
+
+    # A secret in the environment of the flow process: it must reach no artifact, log,
+    # Prefect state or output (scanned after the run).
+    canary = f"featx-canary-{uuid.uuid4().hex}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
 
     cfg = PipelineConfig.parse(
         src=colour_images(tmp_path / "src"),
@@ -107,6 +115,15 @@ def test_pipeline_flow_end_to_end_then_rerun_skips_work(harness, ray_local, tmp_
         "probe" in arts["featx-pipeline"].data and str(cfg.features) in arts["featx-pipeline"].data
     )
     assert "progress" in arts  # ingest, train and extract show progress bars in the UI
+    assert not [k for k, a in arts.items() if canary in str(a.data)]
+    from prefect.settings import get_current_settings
+
+    url = str(get_current_settings().server.database.connection_url.get_secret_value())
+    db = Path(url.split(":///", 1)[1])  # sqlite+aiosqlite:///PATH: every log line, artifact
+    roots = (db.parent, Path(os.environ["PREFECT_HOME"]), tmp_path)
+    scanned = [p for root in roots for p in root.rglob("*") if p.is_file()]
+    assert db in scanned and db.stat().st_size > 0
+    assert not [p for p in scanned if canary.encode() in p.read_bytes()]
     parts = {p: p.stat().st_mtime_ns for p in cfg.features.rglob("*.parquet")}
 
     again = pipeline_flow(cfg)
