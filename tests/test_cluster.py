@@ -173,18 +173,23 @@ class LocalCluster:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
-    def node_ids(self) -> list[str]:
-        """Alive nodes with CPUs, from the cluster's GCS."""
+    def _nodes(self, expr: str):
+        """`expr` over `ray.nodes()` (as `nodes`), asked of the cluster's GCS by a client."""
         code = (
             f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR');"
-            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] "
-            "and n['Resources'].get('CPU')]))"
+            f"nodes = ray.nodes(); print(json.dumps({expr}))"
         )
         out = subprocess.run(
             [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=90
         )
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def node_ids(self) -> list[str]:
+        """Alive nodes with CPUs."""
+        return self._nodes(
+            "[n['NodeID'] for n in nodes if n['Alive'] and n['Resources'].get('CPU')]"
+        )
 
     def wait_for_nodes(self, n: int) -> None:
         self._wait(lambda: len(self.node_ids()) >= n, f"{n} nodes")
@@ -214,17 +219,8 @@ class LocalCluster:
         )
 
     def node_addresses(self) -> dict[str, str]:
-        """Node id -> the address the node registered with (from the cluster's GCS)."""
-        code = (
-            f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR');"
-            "print(json.dumps({n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes() "
-            "if n['Alive']}))"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=90
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        """Node id -> the address the node registered with."""
+        return self._nodes("{n['NodeID']: n['NodeManagerAddress'] for n in nodes if n['Alive']}")
 
     def shutdown(self) -> None:
         for name in list(self.nodes):
