@@ -92,9 +92,9 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         seen = {e["sha256"]: e["key"] for st in prior for e in st["entries"]}
         ingested = 0
         try:
-            _RAY_NODES.clear()
+            nodes: set[str] = set()  # Ray node ids that decoded, on a cluster
             sample_layout = N.Layout(modality, classes, cfg.val_fraction, cfg.test_fraction)
-            runs = _run(pending, params, sample_layout, cfg.workers, cfg.ray_address)
+            runs = _run(pending, params, sample_layout, cfg.workers, cfg.ray_address, nodes)
             for i, (item, res) in enumerate(runs):
                 if isinstance(res, N.Normalised) and res.sha256 in seen:
                     res = N.Rejected(N.DUPLICATE, f"duplicate of {seen[res.sha256]}", res.sha256)
@@ -150,7 +150,7 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         shards_total=len(stats),
         seconds=round(time.perf_counter() - t0, 3),
         up_to_date=up_to_date,
-        nodes=sorted(_RAY_NODES),
+        nodes=sorted(nodes),
     )
 
 
@@ -193,14 +193,19 @@ def load_card(dataset) -> dict:
 
 
 def _run(
-    pending: list[Item], params: N.Params, layout: N.Layout, workers: int, ray_address: str | None
+    pending: list[Item],
+    params: N.Params,
+    layout: N.Layout,
+    workers: int,
+    ray_address: str | None,
+    nodes: set[str],
 ) -> Iterator:
     """Yield (item, result) in input order, decoding and encoding on all cores (of a Ray
-    cluster if one is named, else of this machine)."""
+    cluster if one is named, else of this machine); Ray node ids that did work go in `nodes`."""
     from featx.cluster import address_from
 
     if address_from(ray_address) and pending:
-        yield from _run_on_ray(pending, params, layout, address_from(ray_address))
+        yield from _run_on_ray(pending, params, layout, address_from(ray_address), nodes)
         return
     workers = workers or os.cpu_count() or 1
     workers = min(workers, max(1, len(pending) // 8))
@@ -246,7 +251,9 @@ def _main_not_rerun():
 RAY_CHUNK = 16
 
 
-def _run_on_ray(pending: list[Item], params: N.Params, layout: N.Layout, address: str) -> Iterator:
+def _run_on_ray(
+    pending: list[Item], params: N.Params, layout: N.Layout, address: str, nodes: set[str]
+) -> Iterator:
     """Decode on a Ray cluster: this process reads the inputs (they need not be visible to
     the nodes) and ships their bytes to one-CPU tasks, a bounded window at a time; results
     come back in input order, so the shards are the same bytes as a local run's."""
@@ -266,7 +273,7 @@ def _run_on_ray(pending: list[Item], params: N.Params, layout: N.Layout, address
 
     def results(chunk, ref):
         node, out = ray.get(ref)
-        _RAY_NODES.add(node)
+        nodes.add(node)
         merged = iter(out)
         return [(it, raw if isinstance(raw, N.Rejected) else next(merged)) for it, raw in chunk]
 
@@ -279,9 +286,6 @@ def _run_on_ray(pending: list[Item], params: N.Params, layout: N.Layout, address
             yield from results(*inflight.popleft())
     while inflight:
         yield from results(*inflight.popleft())
-
-
-_RAY_NODES: set[str] = set()  # Ray node ids that decoded inputs in this process
 
 
 def _entry(item: Item, res: N.Normalised) -> dict:

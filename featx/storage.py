@@ -210,8 +210,7 @@ def local_copy(uri: str) -> Path:
         for i in infos:
             target = tmp / i.path[len(root) :].lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(i.path) as src, open(target, "wb") as f:
-                shutil.copyfileobj(src, f, 1 << 22)
+            _download(fs, i.path, target)
         try:
             tmp.rename(dest)
         except OSError:  # another process finished the same copy first
@@ -220,6 +219,13 @@ def local_copy(uri: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _download(fs, path: str, dest: Path) -> None:
+    import shutil
+
+    with fs.open_input_stream(path) as src, open(dest, "wb") as f:
+        shutil.copyfileobj(src, f, 1 << 22)
 
 
 def cache_root() -> Path:
@@ -288,9 +294,7 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
         dest = local / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-        with fs.open_input_stream(info.path) as src, open(tmp, "wb") as f:
-            while block := src.read(1 << 22):
-                f.write(block)
+        _download(fs, info.path, tmp)
         tmp.replace(dest)
         index[rel] = _stamp(dest.stat())
         n += 1
