@@ -52,20 +52,33 @@ def init_ray(address: str | None, *, worker_logs: bool = True) -> float:
 
     address = address_from(address)
     t0 = time.perf_counter()
-    kw: dict = {
-        "runtime_env": runtime_env(address),
-        "logging_level": logging.WARNING,
-        "log_to_driver": worker_logs,
-    }
+    kw: dict = {"logging_level": logging.WARNING, "log_to_driver": worker_logs}
     if address:
         _token_mode_if_token()
-        ray.init(address=address, **kw)
+        ray.init(address=address, runtime_env=runtime_env(address), **kw)
         log.info(
             "connected to the Ray cluster at %s (%d node(s))", redact(address), len(alive_nodes())
         )
     else:
-        ray.init(include_dashboard=False, **kw)
+        # A local Ray's processes inherit the driver's environment, so the worker env vars go
+        # there rather than into a job runtime_env: with one, Ray would not hand the workers it
+        # pre-starts at launch to actors, and every Ray Train actor would start a new process.
+        with env_defaults(_WORKER_ENV):
+            ray.init(include_dashboard=False, **kw)
     return round(time.perf_counter() - t0, 3)
+
+
+@contextlib.contextmanager
+def env_defaults(values: dict[str, str]):
+    """Set the environment variables in `values` that are not set already, for the block;
+    values the user set win. Ray reads them when it starts processes inside the block."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _token_mode_if_token() -> None:

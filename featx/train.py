@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -162,9 +161,8 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
         RunConfig,
         ScalingConfig,
     )
-    from ray.train.torch import TorchTrainer
 
-    from featx.cluster import check_shared, init_ray
+    from featx.cluster import address_from, check_shared, env_defaults, init_ray
 
     if not ray.is_initialized():
         init_ray(cfg.ray_address)
@@ -212,10 +210,8 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
         "threads": max(1, int(cpus)),
         "key_dir": str(storage.join(store or out, KEYS_DIR)) if cfg.log_keys else None,
     }
-    # Ray Train's controller polls the workers every 2 s by default, so a finished run idles up
-    # to 2 s before returning; 0.5 s costs nothing measurable. The driver's value propagates.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    trainer = TorchTrainer(
+    local = not address_from(cfg.ray_address)
+    trainer = _trainer_class(datasets=bool(datasets), local=local)(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -238,7 +234,14 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
     )
     latest = _latest_state(out)
     resumed = latest["epoch"] if latest else 0
-    result = trainer.fit()
+    # Ray Train's controller polls the workers every 2 s by default, so a finished run idles up
+    # to 2 s before returning; 0.5 s costs nothing measurable. A laptop's Ray is never drained
+    # or pre-empted, so it needs no preemption-watcher actor. The driver's values propagate.
+    fit_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    if local:
+        fit_env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    with env_defaults(fit_env):
+        result = trainer.fit()
     if result.error:
         raise result.error
     if store:  # the checkpoints Ray Train kept in the store, and only those
@@ -265,6 +268,8 @@ def train_loop_per_worker(config: dict) -> None:
     from featx.models import create_model
 
     torch.set_num_threads(config["threads"])
+    _quiet_report_lines()
+    _quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     node_id = ray.get_runtime_context().get_node_id()
@@ -464,6 +469,28 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train logs every report() at INFO, one long line per rank per epoch, through a
+    logger named by its file path, which the `ray.train` level set by LoggingConfig misses.
+    featx logs each epoch itself; warnings still come through."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray that moved it; its lines then stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train logs every report() at INFO, one long line per rank per epoch, through a
+    logger named by its file path, which the `ray.train` level set by LoggingConfig misses.
+    featx logs each epoch itself; warnings still come through."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray that moved it; its lines then stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _evaluate(net, batches, autocast) -> dict:
     import torch
     import torch.nn.functional as F
@@ -510,7 +537,9 @@ def _share_of(urls: list[str], rank: int, world: int, seed: int | None, buffer: 
     raw = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(_opened(order)))
     mine = (s for i, s in enumerate(raw) if i % world == rank)
     if seed is not None:
-        mine = _shuffled(mine, buffer, rng)
+        # webdataset's buffer shuffle: yields once `initial` samples are in, then fills up to
+        # `buffer`, so an epoch's first batch is not held back by a full buffer's reads.
+        mine = wds.filters.shuffle(buffer, initial=min(buffer, 100), rng=rng)(mine)
     for s in mine:
         yield decode_sample({k: v for k, v in s.items() if k != "__url__"})
 
@@ -519,16 +548,6 @@ def _opened(urls):
     for url in urls:
         with storage.open_input(url) as stream:
             yield {"url": url, "stream": stream}
-
-
-def _shuffled(items, buffer: int, rng):
-    pool = []
-    for item in items:
-        pool.append(item)
-        if len(pool) >= buffer:
-            yield pool.pop(rng.randrange(len(pool)))
-    rng.shuffle(pool)
-    yield from pool
 
 
 def _collated(samples, collate, batch_size: int):
@@ -656,6 +675,37 @@ def _default_cpus_per_worker(total: float, workers: int, reserve_for_data: bool)
         )
     # Whole CPUs where they are available, so torch threads map to cores.
     return math.floor(share) if share >= 1 else round(share, 3)
+
+
+def _trainer_class(*, datasets: bool, local: bool):
+    """TorchTrainer, less the helper actors a run has no use for. Each is a process of its own
+    that imports Ray Train (and often torch), 2-5 s of CPU on a laptop, and Ray Train starts
+    them one after another before the loop runs:
+
+    - the dataset manager, which only serves Ray Datasets: none with `--loader shards`;
+    - on a local Ray, the placement-group cleaner: it watches the controller through Ray's
+      State API, which needs the dashboard featx does not start, and a local Ray's placement
+      groups end with the driver anyway. On a cluster it stays: a killed driver there would
+      leave the workers' CPUs reserved.
+
+    With a Ray that builds its callbacks differently the override is simply not called.
+    """
+    from ray.train.torch import TorchTrainer
+
+    unused = set()
+    if not datasets:
+        unused.add("DatasetsCallback")
+    if local:
+        unused.add("PlacementGroupCleanerCallback")
+    if not unused:
+        return TorchTrainer
+
+    class FeatxTrainer(TorchTrainer):
+        def _create_default_callbacks(self, *args, **kwargs):
+            callbacks = super()._create_default_callbacks(*args, **kwargs)
+            return [c for c in callbacks if type(c).__name__ not in unused]
+
+    return FeatxTrainer
 
 
 def _read_split(dataset: Path, card: dict, split: str, batch_size: int):

@@ -51,12 +51,12 @@ PLANS = {
         },
         "train": {
             "script": "bench_train.py",
-            "first": ["--per-class", "300", "--epochs", "4", "--loaders", "shards"]
+            "first": ["--per-class", "300", "--epochs", "5", "--loaders", "shards"]
             + ["--scales", "1,2,4"],
-            "rest": ["--per-class", "300", "--epochs", "4", "--loaders", "shards"]
+            "rest": ["--per-class", "300", "--epochs", "5", "--loaders", "shards"]
             + ["--scales", "1"],
             "repeats": 3,
-            "estimate_s": 235,
+            "estimate_s": 270,
             "timeout_s": 1500,
         },
         "extract": {
@@ -280,18 +280,23 @@ def summarise_ingest(runs: list[dict]) -> dict:
 def summarise_train(runs: list[dict]) -> dict:
     t, first = TARGETS["train"], runs[0]
     base, featx = med(runs, "baseline_samples_per_s"), med(runs, "featx_samples_per_s")
+    # Each run's ratio is to the plain loop of that run (it brackets featx in time), so the
+    # ratio is the median of the per-run ratios, not the ratio of the two medians.
+    ratio = med(runs, "ratio")
     n, epochs = first["train_samples"], first["epochs"]
     rows = [
         row(
             "train",
             f"steady-state samples/s, cnn/small, {n} images, global batch "
             f"{first['global_batch']}: DDP {first['workers']} workers "
-            f"(--loader {first['loader']}) vs a plain loop",
+            f"(--loader {first['loader']}) vs a plain loop; ratio: median of {len(runs)} "
+            "runs' ratios",
             f"{base:.0f}/s",
             f"{featx:.0f}/s",
-            featx / base,
+            ratio,
             f">= {t}",
-            featx / base >= t,
+            ratio >= t,
+            note="per-run ratios " + ", ".join(f"{r['ratio']:.2f}" for r in runs),
         )
     ]
     for name, lo in first["loaders"].items():
