@@ -376,10 +376,12 @@ def extract(
         "and `_featx_features.json`; a folder or an object-store URI.",
     ),
     batch_size: int = typer.Option(64, help="Samples per forward pass."),
-    workers: int = typer.Option(
-        1,
+    workers: int | None = typer.Option(
+        None,
         help="Model actors. Each loads the model once; together they get every CPU but the "
-        "half CPU kept for reading shards.",
+        "half CPU kept for reading shards. Default: 1 with --gpu; on CPUs 2 (one decodes while "
+        "another runs the model), about one per 4 CPUs on larger machines.",
+        show_default=False,
     ),
     gpu: bool = typer.Option(False, help="One GPU per actor (the Ray cluster needs GPUs)."),
     ray_address: str | None = typer.Option(

@@ -52,7 +52,7 @@ def probe(
     dataset: Path | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    workers: int = 1,
+    workers: int | None = None,
     ray_address: str | None = None,
 ) -> ProbeResult:
     """Fit a logistic-regression probe on train rows; accuracy on val (and test) rows.

@@ -234,13 +234,7 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
     )
     latest = _latest_state(out)
     resumed = latest["epoch"] if latest else 0
-    # Ray Train's controller polls the workers every 2 s by default, so a finished run idles up
-    # to 2 s before returning; 0.5 s costs nothing measurable. A laptop's Ray is never drained
-    # or pre-empted, so it needs no preemption-watcher actor. The driver's values propagate.
-    fit_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    if local:
-        fit_env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-    with env_defaults(fit_env):
+    with env_defaults(_fit_env(local)):
         result = trainer.fit()
     if result.error:
         raise result.error
@@ -675,6 +669,19 @@ def _default_cpus_per_worker(total: float, workers: int, reserve_for_data: bool)
         )
     # Whole CPUs where they are available, so torch threads map to cores.
     return math.floor(share) if share >= 1 else round(share, 3)
+
+
+def _fit_env(local: bool) -> dict[str, str]:
+    """Ray Train settings for the fit (the user's own values win; the driver's propagate).
+
+    Ray Train's controller polls the workers every 2 s by default, so a finished run idles up
+    to 2 s before returning; 0.5 s costs nothing measurable. A laptop's Ray is never drained
+    or pre-empted, so it needs no preemption-watcher actor.
+    """
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    if local:
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return env
 
 
 def _trainer_class(*, datasets: bool, local: bool):

@@ -6,9 +6,10 @@ tarfile and writes one Parquet file with pyarrow. Each run is a fresh process, s
 includes its own start-up, which is also reported on its own (imports, Ray start-up, first
 rows, first written file). The steady-state rate is the extra samples of the largest run (4x by
 default) over the extra seconds they took (best of --repeats runs: noise on a shared machine only
-adds time), so fixed start-up cancels out. Peak memory is the PSS (and RSS) of the whole process
-tree (driver, raylet, GCS, Ray workers), sampled every 500 ms, at each size. Other figures are
-medians over --repeats interleaved runs.
+adds time), so fixed start-up cancels out; and within each run of the largest size, between
+the batches that complete a third and nine tenths of the rows (start-up excluded). Peak memory
+is the PSS (and RSS) of the whole process tree (driver, raylet, GCS, Ray workers), sampled
+every 500 ms, at each size. Other figures are medians over --repeats interleaved runs.
 
 Usage: python tests/benchmarks/bench_extract.py [--n 2000] [--repeats 3] [--scales 1,4]
     [--workdir DIR] [--json F]
@@ -80,15 +81,14 @@ def run_plain(dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> di
     collate = make_collate(meta["modality"])
     t_loop = time.perf_counter()
     keys, embs = [], []
-    first: list[float] = []  # when the first batch's embeddings were ready
+    marks: list[tuple[float, int]] = []  # (when, rows done) after each batch
 
     def flush(samples):
         b = collate([decode_sample(s) for s in samples])
         with torch.inference_mode():
             embs.append(model.forward_features(b["x"], b["lengths"]).numpy())
         keys.extend(b["keys"])
-        if not first:
-            first.append(time.perf_counter())
+        marks.append((time.perf_counter(), len(keys)))
 
     for split in SPLITS:
         for tar in finished_shards(dataset, split):
@@ -122,7 +122,8 @@ def run_plain(dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> di
         "setup_seconds": t_loop - t0,  # imports + model load
         "loop_seconds": end - t_loop,
         "first_file_seconds": end - t0,  # one file, written at the end
-        "first_row_seconds": first[0] - t0,
+        "first_row_seconds": marks[0][0] - t0,
+        "in_run_samples_per_s": in_run_rate(marks, len(keys)),
     }
 
 
@@ -131,14 +132,14 @@ def run_featx(dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> di
     t0 = time.perf_counter()
     from featx.extract import extract
 
-    marks: list[float] = []
+    marks: list[tuple[float, int]] = []
     t_call = time.perf_counter()
     s = extract(
         dataset,
         checkpoint,
         out,
         batch_size=batch_size,
-        progress=lambda done, total: marks.append(time.perf_counter()),
+        progress=lambda done, total: marks.append((time.perf_counter(), done)),
     )
     end = time.perf_counter()
     return {
@@ -146,10 +147,28 @@ def run_featx(dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> di
         "seconds": end - t0,
         "setup_seconds": t_call - t0,  # importing featx.extract (Ray, pyarrow, torch)
         "ray_init_seconds": s.ray_init_seconds,
-        "first_row_seconds": marks[0] - t0,  # first embeddings back at the driver
+        "first_row_seconds": marks[0][0] - t0,  # first embeddings back at the driver
         "first_file_seconds": t_call - t0 + s.first_file_seconds,
         "files": s.files_written,
+        "in_run_samples_per_s": in_run_rate(marks, s.rows),
     }
+
+
+def in_run_rate(marks: list[tuple[float, int]], total: int) -> float | None:
+    """Samples/s between the batches that complete a third and nine tenths of the rows.
+
+    Start-up falls before the window. featx's driver gets rows a block (a shard, 500 rows) at
+    a time and Ray Data keeps about a block computed ahead, which arrives with the last one at
+    the end; a window between two points where that backlog is the same counts only rows made
+    inside it. None for runs too small for that (fewer than 4 arrivals in the window, or under
+    a second): their rows were mostly computed ahead.
+    """
+    t_a, d_a = next((t, d) for t, d in marks if d >= total // 3)
+    t_b, d_b = next((t, d) for t, d in marks if d >= total * 9 // 10)
+    arrivals = sum(1 for t, d in marks if d_a < d <= d_b)
+    if arrivals < 4 or t_b - t_a < 1.0:
+        return None
+    return round((d_b - d_a) / (t_b - t_a), 1)
 
 
 def child(args) -> None:
@@ -258,12 +277,29 @@ def main() -> dict:
                 "featx_memory_sampler_cpu_s": median(f, "memory_sampler_cpu_s"),
                 "featx_seconds_runs": [round(r["seconds"], 2) for r in f],
                 "plain_seconds_runs": [round(r["seconds"], 2) for r in p],
+                "plain_in_run_samples_per_s": median(p, "in_run_samples_per_s"),
+                "featx_in_run_samples_per_s": median(f, "in_run_samples_per_s"),
+                # once running: rows from a third to nine tenths of the way, per repeat
+                "plain_in_run_samples_per_s_runs": [r["in_run_samples_per_s"] for r in p],
+                "featx_in_run_samples_per_s_runs": [r["in_run_samples_per_s"] for r in f],
+                "in_run_ratio_runs": [
+                    round(b["in_run_samples_per_s"] / a["in_run_samples_per_s"], 3)
+                    for a, b in zip(p, f, strict=True)
+                    if a["in_run_samples_per_s"] and b["in_run_samples_per_s"]
+                ],
             }
-        # Steady state: the extra samples of the largest run over the extra seconds they took,
-        # so fixed start-up (imports, Ray, actor start, model load) cancels out. Best-of-N
-        # times: on a shared machine noise only ever adds time. (Timing batches inside a featx
-        # run does not work: Ray Data has computed well ahead by the time the first batch
-        # reaches the driver.)
+        # Steady state, two ways. Once running: within each run of the largest size, the rows
+        # from a third to nine tenths of the way over the time they took (plain and featx runs
+        # of one repeat are neighbours in time; the ratio is the median of the repeats'
+        # ratios). And across runs: the extra samples of the largest run over the extra
+        # seconds they took, so fixed start-up (imports, Ray, actor start, model load) cancels
+        # out, best-of-N times; on this shared machine the start-up's own noise (+-2 s) is the
+        # size of the extra work, so the first is the headline.
+        top = result["scales"][f"{big}x"]
+        if top["in_run_ratio_runs"]:
+            result["in_run_ratio"] = round(statistics.median(top["in_run_ratio_runs"]), 3)
+        for kind in ("plain", "featx"):
+            result[f"{kind}_in_run_samples_per_s"] = top[f"{kind}_in_run_samples_per_s"]
         extra = (big - 1) * args.n
         for kind in ("plain", "featx"):
             dt = min(r["seconds"] for r in runs[(kind, big)]) - min(

@@ -3,8 +3,9 @@
 Pieces: the imports (`python -X importtime`, grouped by top-level package), Prefect's database
 upgrade (what `flows.runtime.ensure_database` runs, on a new and on an existing database), the
 temporary Prefect API server (an empty flow; with and without migrate-on-start), a local
-`ray.init` and shutdown, Ray Train's set-up (TorchTrainer, 2 workers, a loop that returns), and
-a Ray Data actor pool's first batch. Prints JSON and a table; nothing in featx/ or flows/ runs
+`ray.init` and shutdown, Ray Train's set-up (a no-op fit with 2 workers, with Ray Train's
+defaults and as featx sets it up, with the import seconds of every actor process), and a Ray
+Data actor pool's first batch. Prints JSON and a table; nothing in featx/ or flows/ runs
 differently for it.
 Usage: python tests/benchmarks/profile_startup.py [--only imports,prefect,ray] [--json F]
 """
@@ -58,11 +59,20 @@ print("RESULT", t1 - t0, t2 - t1, time.perf_counter() - t2)
 """
 
 RAY_TRAIN = """
-import logging, tempfile, time
+import logging, os, tempfile, time
 import ray
-ray.init(include_dashboard=False, logging_level=logging.WARNING)
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+
+if os.environ.get("PROFILE_TRAINER") == "featx":  # as `featx train` starts Ray and the trainer
+    from featx.cluster import env_defaults, init_ray
+    from featx.train import _fit_env, _trainer_class
+    init_ray(None)
+    Trainer, fit_env = _trainer_class(datasets=False, local=True), _fit_env(True)
+else:
+    from contextlib import nullcontext as env_defaults
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    Trainer, fit_env = TorchTrainer, None
 
 def loop(config):
     import os, time
@@ -74,13 +84,15 @@ def loop(config):
 
 d = tempfile.mkdtemp()
 t0, w0 = time.perf_counter(), time.time()
-TorchTrainer(
-    loop, train_loop_config={"dir": d},
-    scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-    run_config=RunConfig(storage_path=d),
-).fit()
+with env_defaults(fit_env):
+    Trainer(
+        loop, train_loop_config={"dir": d},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=d),
+    ).fit()
 t1, w1 = time.perf_counter(), time.time()
 t_loop = max(float(open(f"{d}/t{r}").read()) for r in (0, 1))
+print("SESSION", ray._private.worker._global_node.get_session_dir_path())
 ray.shutdown()
 print("RESULT", t1 - t0, t_loop - w0, w1 - t_loop)
 """
@@ -191,33 +203,58 @@ def prefect(env: dict, home: Path) -> dict:
 def ray_parts(env: dict) -> dict:
     wall, text = run([sys.executable, "-c", RAY_INIT], env)
     imp, init, shutdown = result_line(text)
-    _, text = run([sys.executable, "-c", RAY_TRAIN], env)
-    train, to_loop, after_loop = result_line(text)
-    # Ray Train V2's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s)
-    fast = {**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    _, text = run([sys.executable, "-c", RAY_TRAIN], fast)
-    train_fast, to_loop_fast, after_loop_fast = result_line(text)
-    _, text = run([sys.executable, "-c", RAY_DATA], env)
-    (data,) = result_line(text)
-    return {
+    out = {
         "import_ray_s": round(imp, 2),
         "init_s": round(init, 2),
         "shutdown_s": round(shutdown, 2),
         "init_process_wall_s": round(wall, 2),
-        "train_noop_fit_s": round(train, 2),
-        "train_noop_to_loop_s": round(to_loop, 2),
-        "train_noop_after_loop_s": round(after_loop, 2),
-        "train_noop_fit_poll_0_2_s": round(train_fast, 2),
-        "train_noop_to_loop_poll_0_2_s": round(to_loop_fast, 2),
-        "train_noop_after_loop_poll_0_2_s": round(after_loop_fast, 2),
-        "data_actor_first_batch_s": round(data, 2),
-        "commands": {
-            "init": "ray.init(include_dashboard=False, ...) then ray.shutdown() (as featx does)",
-            "train": "TorchTrainer(2 workers x 1 CPU, loop that reports once).fit(); again "
-            "with RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2",
-            "data": "range(64).map_batches(actor importing torch, ActorPoolStrategy(size=1))",
-        },
     }
+    # A no-op fit as Ray Train sets it up by default, then as featx does (no job runtime_env,
+    # no dataset manager, placement-group cleaner or preemption watcher); each once timed and
+    # once under -X importtime in every Ray process, for the import seconds of each actor.
+    for name in ("ray", "featx"):
+        variant = {**env, "PROFILE_TRAINER": name}
+        _, text = run([sys.executable, "-c", RAY_TRAIN], variant)
+        fit, to_loop, after_loop = result_line(text)
+        _, text = run(
+            [sys.executable, "-c", RAY_TRAIN], {**variant, "PYTHONPROFILEIMPORTTIME": "1"}
+        )
+        out[f"train_{name}"] = {
+            "noop_fit_s": round(fit, 2),
+            "to_loop_s": round(to_loop, 2),
+            "after_loop_s": round(after_loop, 2),
+            "actor_import_s": actor_imports(text),
+        }
+    _, text = run([sys.executable, "-c", RAY_DATA], env)
+    (data,) = result_line(text)
+    out["data_actor_first_batch_s"] = round(data, 2)
+    out["commands"] = {
+        "init": "ray.init(include_dashboard=False, ...) then ray.shutdown() (as featx does)",
+        "train": "no-op fit, 2 workers x 1 CPU, a loop that reports once: TorchTrainer on a "
+        "plain ray.init (train_ray), then featx's init_ray + trainer (train_featx); import "
+        "seconds per actor from PYTHONPROFILEIMPORTTIME=1 in every Ray process",
+        "data": "range(64).map_batches(actor importing torch, ActorPoolStrategy(size=1))",
+    }
+    return out
+
+
+def actor_imports(text: str) -> dict[str, float]:
+    """Import seconds (-X importtime, own time of every module) of each Ray actor process of
+    the session the script printed, by actor class; processes that ran no actor are "idle"."""
+    line = [x for x in text.splitlines() if x.startswith("SESSION ")][-1]
+    logs = Path(line.split(maxsplit=1)[1]) / "logs"
+    per: dict[str, float] = {}
+    for err in logs.glob("worker-*.err"):
+        out = err.with_suffix(".out")
+        names = re.findall(r":actor_name:(\w+)", out.read_text()) if out.exists() else []
+        seconds = sum(
+            int(m.group(1)) / 1e6
+            for m in re.finditer(r"^import time:\s+(\d+) \|", err.read_text(), re.M)
+        )
+        if seconds:
+            key = names[0] if names else "idle"
+            per[key] = round(per.get(key, 0.0) + seconds, 2)
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
 def table(r: dict) -> str:
@@ -250,12 +287,13 @@ def table(r: dict) -> str:
         add("ray: import", y["import_ray_s"])
         add("ray: init (local, no dashboard)", y["init_s"])
         add("ray: shutdown", y["shutdown_s"])
-        add("ray train: no-op TorchTrainer.fit, 2 workers", y["train_noop_fit_s"])
-        add("  fit() call to the loop running on the workers", y["train_noop_to_loop_s"])
-        add("  loop's report to fit() returning", y["train_noop_after_loop_s"])
-        add("  fit, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2", y["train_noop_fit_poll_0_2_s"])
-        add("    to the loop", y["train_noop_to_loop_poll_0_2_s"])
-        add("    after the loop", y["train_noop_after_loop_poll_0_2_s"])
+        for name, label in (("ray", "Ray Train's defaults"), ("featx", "as featx sets it up")):
+            t = y[f"train_{name}"]
+            add(f"ray train: no-op fit, 2 workers, {label}", t["noop_fit_s"])
+            add("  fit() call to the loop running on the workers", t["to_loop_s"])
+            add("  loop's report to fit() returning", t["after_loop_s"])
+            for actor, v in t["actor_import_s"].items():
+                add(f"  imports in the {actor} process", v)
         add("ray data: actor pool, first batch", y["data_actor_first_batch_s"])
     return "\n".join(lines)
 
