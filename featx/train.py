@@ -353,15 +353,17 @@ def train_loop_per_worker(config: dict) -> None:
             )
             return to_device(collate(_rows(raw)) for raw in raw_batches)
     else:
-        urls = {
+        shards = {
             s: [
-                str(storage.join(dataset, sh["shard"])) for sh in card["shards"] if sh["split"] == s
+                (str(storage.join(dataset, sh["shard"])), sh["samples"])
+                for sh in card["shards"]
+                if sh["split"] == s
             ]
             for s in config["splits"]
         }
 
         def split_batches(split, collate, shuffle_seed=None, share=(0, 1)):
-            samples = _share_of(urls[split], *share, shuffle_seed, 8 * batch_size)
+            samples = _share_of(shards[split], *share, shuffle_seed, 8 * batch_size)
             return to_device(_prefetch(_collated(samples, collate, batch_size)))
 
     for epoch in range(start_epoch, config["epochs"]):
@@ -510,11 +512,16 @@ def _rows(raw: dict) -> list[dict]:
     return [decode_sample({c: raw[c][i] for c in cols if raw[c][i] is not None}) for i in range(n)]
 
 
-def _share_of(urls: list[str], rank: int, world: int, seed: int | None, buffer: int):
-    """Rank `rank`'s share of the samples in `urls`: every `world`-th raw sample, so the shares
-    are disjoint, cover every sample and differ by one sample at most, however many shards
-    there are. Each rank reads every tar (cheap next to decoding) and decodes only its own share.
-    With a seed, shard order and a `buffer`-sample window are shuffled per epoch.
+def _share_of(shards: list[tuple[str, int]], rank: int, world: int, seed: int | None, buffer: int):
+    """Rank `rank`'s share of the samples of `shards` (url, samples): disjoint from the other
+    ranks' shares, together covering every sample, and within one sample of each other in
+    size, however many shards there are.
+
+    Shards of equal size are dealt out whole, the same number to every rank; the ones left
+    over (fewer than `world` of a size) are shared by sample: every `world`-th sample of them.
+    A rank reads only its own shards and the shared ones, and decodes only its samples. With a
+    seed, the shard order (hence which rank gets which shard) and a `buffer`-sample window are
+    shuffled per epoch; every rank draws the same order from the same seed.
     """
     import random
 
@@ -523,19 +530,45 @@ def _share_of(urls: list[str], rank: int, world: int, seed: int | None, buffer: 
     from featx.shards import decode_sample
 
     rng = random.Random(seed)
-    order = list(urls)
+    order = list(shards)
     if seed is not None:
         rng.shuffle(order)
-    # Every rank reads every shard (the split below is by sample, not by shard), local or in
-    # an object store alike.
-    raw = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(_opened(order)))
-    mine = (s for i, s in enumerate(raw) if i % world == rank)
+    owner = _owners(order, world)
+
+    def raw():
+        shared = 0  # index among the shared shards' samples, the same on every rank
+        for url, _ in order:
+            if owner[url] not in (rank, None):
+                continue
+            for s in wds.tariterators.group_by_keys(
+                wds.tariterators.tar_file_expander(_opened([url]))
+            ):
+                if owner[url] is None:
+                    shared += 1
+                    if (shared - 1) % world != rank:
+                        continue
+                yield s
+
+    mine = raw()
     if seed is not None:
         # webdataset's buffer shuffle: yields once `initial` samples are in, then fills up to
         # `buffer`, so an epoch's first batch is not held back by a full buffer's reads.
         mine = wds.filters.shuffle(buffer, initial=min(buffer, 100), rng=rng)(mine)
     for s in mine:
         yield decode_sample({k: v for k, v in s.items() if k != "__url__"})
+
+
+def _owners(order: list[tuple[str, int]], world: int) -> dict[str, int | None]:
+    """url -> the rank that reads the whole shard, or None for a shard shared by sample."""
+    by_size: dict[int, list[str]] = {}
+    for url, n in order:
+        by_size.setdefault(n, []).append(url)
+    owner: dict[str, int | None] = {}
+    for urls in by_size.values():
+        whole = len(urls) // world * world
+        for i, url in enumerate(urls):
+            owner[url] = i % world if i < whole else None
+    return owner
 
 
 def _opened(urls):
