@@ -263,7 +263,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.set_num_threads(config["threads"])
     _quiet_report_lines()
-    _quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     node_id = ray.get_runtime_context().get_node_id()
@@ -463,17 +462,6 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
-
-
-def _quiet_report_lines() -> None:
-    """Ray Train logs every report() at INFO, one long line per rank per epoch, through a
-    logger named by its file path, which the `ray.train` level set by LoggingConfig misses.
-    featx logs each epoch itself; warnings still come through."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # a Ray that moved it; its lines then stay
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _quiet_report_lines() -> None:
