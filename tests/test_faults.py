@@ -629,11 +629,13 @@ def test_extract_actor_killed_mid_run_is_retried_exactly_once(
     ray_cluster, image_dataset, reference_features, tmp_path, fault_figures
 ):
     """SIGKILL the Ray Data actor that embeds (`_Embedder`) once parts are being written: Ray
-    restarts it and retries its tasks, featx finishes, and the output is exactly once."""
+    restarts it and retries its tasks, featx finishes, and the output is exactly once. One
+    actor (`--workers 1`), so the run can only finish if the killed actor comes back."""
     dataset, model_dir = image_dataset
     out, log = tmp_path / "out", tmp_path / "extract.log"
     n_parts = len(list(dataset.glob("*/shard-*.tar")))
     cmd = ("extract", dataset, "--checkpoint", model_dir, "--out", out, "--batch-size", "4")
+    cmd += ("--workers", "1")
     earlier = set(own_processes("_Embedder"))  # a previous test's actor may still be exiting
     proc = start_featx(*cmd, "--ray-address", ray_cluster, log=log)
     try:
