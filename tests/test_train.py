@@ -250,7 +250,9 @@ def test_rerun_after_the_driver_died_resumes(tmp_path, shards):
         str(shards),
         "--out",
         str(run),
-        *"--workers 2 --epochs 4 --batch-size 4".split(),
+        # Epochs here take well under a second, and Ray Train registers checkpoints in its
+        # controller's polls: with 4 epochs a run sometimes finished before the kill landed.
+        *"--workers 2 --epochs 10 --batch-size 4".split(),
     ]
     proc = subprocess.Popen(
         [*FEATX, *args],
@@ -269,7 +271,7 @@ def test_rerun_after_the_driver_died_resumes(tmp_path, shards):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed after" in r.stderr
     history = json.loads((run / "best" / "featx.json").read_text())["metrics"]["history"]
-    assert history[-1]["epoch"] <= 4
+    assert history[-1]["epoch"] <= 10
     import pandas as pd
 
-    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1, 2, 3, 4]
+    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == list(range(1, 11))
