@@ -42,11 +42,15 @@ def runtime_env(address: str | None) -> dict:
     return env
 
 
-def init_ray(address: str | None, *, worker_logs: bool = True) -> float:
+def init_ray(address: str | None, *, worker_logs: bool = True, prestart: bool = True) -> float:
     """Connect to `address` (or RAY_ADDRESS), or start a local Ray; returns the seconds taken.
 
     A local Ray starts without the dashboard (no HTTP server; nothing featx runs needs it);
     its gRPC ports are Ray's own. `worker_logs=False` keeps workers' output off the console.
+    `prestart=False` starts a local Ray without the idle worker per CPU it otherwise starts
+    for the first tasks: Ray Train's actors never take them (each carries the env vars Ray
+    Train propagates, so its own runtime env), and on a laptop their start takes the CPU the
+    training processes are starting on (measured: about 1 s of training start-up on 2 cores).
     """
     import ray
 
@@ -62,7 +66,9 @@ def init_ray(address: str | None, *, worker_logs: bool = True) -> float:
     else:
         # A local Ray's processes inherit the driver's environment, so the worker env vars go
         # there rather than into a job runtime_env: with one, Ray would not hand the workers it
-        # pre-starts at launch to actors, and every Ray Train actor would start a new process.
+        # pre-starts at launch to tasks and actors (extraction's actors take them).
+        if not prestart:
+            kw["_system_config"] = {"prestart_worker_first_driver": False}
         with env_defaults(_WORKER_ENV):
             ray.init(include_dashboard=False, **kw)
     return round(time.perf_counter() - t0, 3)

@@ -165,7 +165,7 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
     from featx.cluster import address_from, check_shared, env_defaults, init_ray
 
     if not ray.is_initialized():
-        init_ray(cfg.ray_address)
+        init_ray(cfg.ray_address, prestart=False)
     # Workers on any node read the shards and persist checkpoints into RUN_DIR.
     check_shared({"dataset": cfg.dataset, "out": store or out})
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -714,9 +714,13 @@ def _trainer_class(*, datasets: bool, local: bool):
     - on a local Ray, the placement-group cleaner: it watches the controller through Ray's
       State API, which needs the dashboard featx does not start, and a local Ray's placement
       groups end with the driver anyway. On a cluster it stays: a killed driver there would
-      leave the workers' CPUs reserved.
+      leave the workers' CPUs reserved;
+    - on a local Ray, the autoscaling coordinator: the scaling policy asks it, and waits for
+      it, to request the workers' resources from the cluster autoscaler, which a local Ray
+      does not have. On a cluster it stays.
 
-    With a Ray that builds its callbacks differently the override is simply not called.
+    With a Ray that builds its callbacks or its controller differently the overrides are
+    simply not called.
     """
     from ray.train.torch import TorchTrainer
 
@@ -732,6 +736,13 @@ def _trainer_class(*, datasets: bool, local: bool):
         def _create_default_callbacks(self, *args, **kwargs):
             callbacks = super()._create_default_callbacks(*args, **kwargs)
             return [c for c in callbacks if type(c).__name__ not in unused]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            if local and type(kwargs.get("scaling_policy")).__name__ == "FixedScalingPolicy":
+                from featx.ray_local import LocalScalingPolicy
+
+                kwargs["scaling_policy"] = LocalScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     return FeatxTrainer
 

@@ -134,6 +134,14 @@ def test_two_workers_cover_the_split_learn_and_checkpoint(tmp_path, shards):
     assert (metrics["samples"] == len(expected)).all()
     assert (metrics["samples_per_s_total"] > 0).all()
     assert (run / "curves.png").stat().st_size > 1000
+    # A local run starts only the actors training needs (each is a process that takes seconds
+    # to start on a laptop): Ray Train's controller, the workers and their barrier actor.
+    assert _actor_classes_of_latest_ray() == [
+        "RayTrainWorker",
+        "RayTrainWorker",
+        "SynchronizationActor",
+        "TrainController",
+    ]
 
     # the best checkpoint reloads (weights_only) to the exact model that was evaluated
     from featx.checkpoint import load_model
@@ -195,6 +203,18 @@ def _ray_train_workers() -> dict[int, str]:
         if "RayTrainWorker" in cmd:
             found[p.info["pid"]] = cmd
     return found
+
+
+def _actor_classes_of_latest_ray() -> list[str]:
+    """The actor classes the latest Ray session on this machine ran, from the headers Ray
+    writes into each worker process's log."""
+    logs = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "session_latest" / "logs"
+    names = []
+    for out in logs.glob("worker-*.out"):
+        for line in out.read_text(errors="replace").splitlines()[:5]:
+            if line.startswith(":actor_name:"):
+                names.append(line.removeprefix(":actor_name:"))
+    return sorted(names)
 
 
 def _registered_checkpoint(run: Path) -> bool:

@@ -67,7 +67,7 @@ from ray.train.torch import TorchTrainer
 if os.environ.get("PROFILE_TRAINER") == "featx":  # as `featx train` starts Ray and the trainer
     from featx.cluster import env_defaults, init_ray
     from featx.train import _fit_env, _trainer_class
-    init_ray(None)
+    init_ray(None, prestart=False)
     Trainer, fit_env = _trainer_class(datasets=False, local=True), _fit_env(True)
 else:
     from contextlib import nullcontext as env_defaults
