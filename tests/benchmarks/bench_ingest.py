@@ -1,8 +1,10 @@
 """Ingest throughput: featx (process pool) against a plain single-process loop on the same files.
 
 The baseline does the same per-file work (Pillow decode with JPEG draft mode, EXIF, RGB,
-resize + centre crop, JPEG encode, tarfile write) in one process. Prints samples/s, MB/s,
-ratios and the peak memory (PSS, whole process tree) of each variant. With --scales 1,2,4 featx
+resize + centre crop, JPEG encode, tarfile write) in one process. Beside it, the same loop split
+by hand over 2 forked processes measures what this machine's two cores give perfectly even
+work at the time: the ceiling for featx's 2-process ratio. Prints samples/s, MB/s, ratios and
+the peak memory (PSS, whole process tree) of each variant. With --scales 1,2,4 featx
 (2 processes) also runs on 2x and 4x the files, to show how time and memory grow.
 Usage: python tests/benchmarks/bench_ingest.py [--n 600] [--repeats 3] [--scales 1] [--json F]
 """
@@ -78,7 +80,35 @@ def source(workdir: Path, n: int) -> tuple[Path, float]:
 def baseline(src: Path, out: Path, size: int = 64) -> int:
     files = sorted(p for p in src.rglob("*") if p.is_file())
     out.mkdir(parents=True)
-    with tarfile.open(out / "shard-000000.tar", "w") as tar:
+    _plain(files, out / "shard-000000.tar", size)
+    return len(files)
+
+
+def baseline_split(src: Path, out: Path, procs: int = 2, size: int = 64) -> int:
+    """The plain loop split by hand over `procs` forked processes, every procs-th file each,
+    into a tar each: what perfectly even parallel work gets from this machine's cores at the
+    time (a shared VM's second core may give much less than a first), the ceiling for any
+    2-process ratio measured beside it."""
+    import multiprocessing as mp
+
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    out.mkdir(parents=True)
+    ctx = mp.get_context("fork")
+    workers = [
+        ctx.Process(target=_plain, args=(files[i::procs], out / f"shard-{i:06d}.tar", size, i))
+        for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
+    return len(files)
+
+
+def _plain(files: list[Path], tar_path: Path, size: int = 64, part: int = 0) -> None:
+    """The per-file work of `featx ingest` for images, written plainly, into one tar."""
+    with tarfile.open(tar_path, "w") as tar:
         for i, p in enumerate(files):
             im = Image.open(p)
             im.draft("RGB", (size, size))
@@ -87,10 +117,9 @@ def baseline(src: Path, out: Path, size: int = 64) -> int:
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=90)
             for ext, data in (("jpg", buf.getvalue()), ("cls", p.parent.name.encode())):
-                ti = tarfile.TarInfo(f"{i:08d}.{ext}")
+                ti = tarfile.TarInfo(f"{part:02d}{i:08d}.{ext}")
                 ti.size = len(data)
                 tar.addfile(ti, io.BytesIO(data))
-    return len(files)
 
 
 def featx_ingest(src: Path, out: Path, workers: int) -> int:
@@ -138,6 +167,8 @@ def main() -> dict:
         mem: dict[str, list[float]] = {k: [] for k in runs}
         growth: dict[int, dict[str, list[float]]] = {k: {"s": [], "mb": []} for k in scales[1:]}
         base_top: list[float] = []  # the baseline at the largest size, for steady-state rates
+        split_top: list[float] = []  # the plain loop on 2 processes, at the largest size
+        per_run: list[dict] = []  # each repeat's steady-state rates, against its own baselines
         for r in range(args.repeats):
             for name, fn, extra in (
                 ("baseline", baseline, ()),
@@ -163,6 +194,21 @@ def main() -> dict:
                     sec, n, _ = timed(baseline, srcs[k][0], out, tree=False)
                     base_top.append(sec)
                     shutil.rmtree(out)
+                    out = tmp / f"split-{k}x-{r}"
+                    sec, n, _ = timed(baseline_split, srcs[k][0], out, tree=False)
+                    assert n == args.n * k, ("split", n)
+                    split_top.append(sec)
+                    shutil.rmtree(out)
+                    extra = args.n * (k - 1)
+                    per_run.append(
+                        {
+                            "baseline": extra / (base_top[-1] - runs["baseline"][-1]),
+                            "featx_2": extra / (growth[k]["s"][-1] - runs["featx_2"][-1]),
+                            # the plain loop and its split have no fixed cost to speak of
+                            # (a fork), so their ratio needs no difference of two runs
+                            "ceiling": base_top[-1] / split_top[-1],
+                        }
+                    )
         med = {k: statistics.median(v) for k, v in runs.items()}
         result = {
             "stage": "ingest",
@@ -208,6 +254,10 @@ def main() -> dict:
                     - args.n * (statistics.median(base_top) - med["baseline"]) / extra,
                     3,
                 ),
+                "plain_split_2_samples_per_s": round(args.n * k / statistics.median(split_top), 1),
+                "plain_1_samples_per_s": round(args.n * k / statistics.median(base_top), 1),
+                # Each repeat against the baselines timed in it (the machine's speed drifts).
+                "per_run": [{k: round(v, 1) for k, v in pr.items()} for pr in per_run],
             }
         return emit(result, args.json)
     finally:
