@@ -257,7 +257,7 @@ def main() -> dict:
                 "plain_split_2_samples_per_s": round(args.n * k / statistics.median(split_top), 1),
                 "plain_1_samples_per_s": round(args.n * k / statistics.median(base_top), 1),
                 # Each repeat against the baselines timed in it (the machine's speed drifts).
-                "per_run": [{k: round(v, 1) for k, v in pr.items()} for pr in per_run],
+                "per_run": [{k: round(v, 3) for k, v in pr.items()} for pr in per_run],
             }
         return emit(result, args.json)
     finally:
