@@ -87,8 +87,8 @@ def baseline(src: Path, out: Path, size: int = 64) -> int:
 def baseline_split(src: Path, out: Path, procs: int = 2, size: int = 64) -> int:
     """The plain loop split by hand over `procs` forked processes, every procs-th file each,
     into a tar each: what perfectly even parallel work gets from this machine's cores at the
-    time (a shared VM's second core may give much less than a first), the ceiling for any
-    2-process ratio measured beside it."""
+    time (on a shared VM, two processes may run at less than twice one's rate), the ceiling
+    for any 2-process ratio measured beside it."""
     import multiprocessing as mp
 
     files = sorted(p for p in src.rglob("*") if p.is_file())
