@@ -548,6 +548,13 @@ def main() -> None:
     except FileNotFoundError as e:
         console.print(f"[red]error[/]: {e}")
         sys.exit(2)
+    except RuntimeError as e:
+        from featx.ingest import WorkerError
+
+        if not isinstance(e, WorkerError):
+            raise
+        console.print(f"[red]error[/]: {e}", soft_wrap=True)
+        sys.exit(1)
     except OSError as e:
         if e.errno is None and _STORE_ERROR.search(str(e)):
             # pyarrow's object-store errors: say so in one line, without a traceback.

@@ -1,8 +1,9 @@
 """Ingest: raw files into validated, normalised, deduplicated WebDataset shards.
 
-Inputs are processed in sorted order by a process pool (`imap` keeps the order), and the parent
-alone writes shards. Finished shards are never rewritten: a re-run or an incremental run ingests
-only what no finished shard holds, into new shards, so a killed run resumes to the same bytes.
+Inputs are processed in sorted order by a process pool (results taken in order), and the
+parent alone writes shards. Finished shards are never rewritten: a re-run or an incremental run
+ingests only what no finished shard holds, into new shards, so a killed run resumes to the same
+bytes.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
 
 from featx import __version__
@@ -37,6 +41,10 @@ CARD = "dataset.json"
 REJECTED = "rejected.jsonl"
 TOKENIZER = "tokenizer.json"
 FORMAT = "featx-shards/1"
+
+
+class WorkerError(RuntimeError):
+    """Ingest's worker processes die whatever the input: the environment is at fault."""
 
 
 @dataclass
@@ -210,19 +218,100 @@ def _run(
     workers = workers or os.cpu_count() or 1
     workers = min(workers, max(1, len(pending) // 8))
     args = [(it.path, it.text, it.source, it.label, it.split) for it in pending]
-    if workers <= 1:
-        N.init_worker(params, layout)
-        yield from zip(pending, map(N.work, args), strict=True)
-        return
-    # forkserver: a fork of a threaded parent (Prefect, Ray clients) can deadlock. Workers
-    # import only featx.normalize (Pillow, soundfile), not torch.
+    # Even one worker is a separate process: a decoder that crashes takes down that process,
+    # never featx, whatever the inputs or the options.
+    chunk = max(1, min(8, len(args) // (workers * 8)))
+    chunks = [args[i : i + chunk] for i in range(0, len(args), chunk)]
+    yield from zip(pending, _pooled(chunks, workers, (params, layout)), strict=True)
+
+
+def _pooled(chunks: list[list[tuple]], workers: int, initargs: tuple) -> Iterator:
+    """`N.work` of every input, in order, on `workers` processes.
+
+    A bounded window of chunks is in flight, so memory stays flat however many inputs there
+    are. A process that dies (a decoder crash, the kernel's OOM killer) breaks the pool: the
+    chunks in flight then run again one input at a time (`_isolated`), and the rest on a new
+    pool, so one killed process loses nothing and one poisonous input stops nothing.
+    """
+    todo = iter(chunks)
+    while True:
+        window: deque[list] = deque()  # [chunk, future], in input order
+        with _executor(workers, initargs) as pool:
+            try:
+                with _main_not_rerun():  # the first submits start the processes
+                    _submit(pool, window, todo, 2 * workers)
+                while window:
+                    yield from window[0][1].result()
+                    window.popleft()
+                    _submit(pool, window, todo, 1)
+                return
+            except BrokenProcessPool:
+                lost = [arg for c, _ in window for arg in c]
+        log.warning(
+            "an ingest worker process died; running its %d in-flight inputs one at a time",
+            len(lost),
+        )
+        yield from _isolated(lost, initargs)
+
+
+def _submit(pool: ProcessPoolExecutor, window: deque, todo: Iterator, n: int) -> None:
+    for chunk in islice(todo, n):
+        window.append([chunk, None])  # in the window before submit can fail
+        window[-1][1] = pool.submit(N.work_chunk, chunk)
+
+
+def _isolated(args: list[tuple], initargs: tuple) -> Iterator:
+    """`N.work` of each input alone in a one-process pool; an input whose process dies twice
+    is rejected (CRASHED) instead of stopping the run. If the first three inputs all crash,
+    the fault is not in them (a broken environment): stop with an error."""
+    pool, crashed, ok = None, 0, 0
+    try:
+        for arg in args:
+            res = None
+            for _ in range(2):
+                if pool is None:
+                    pool = _executor(1, initargs)
+                try:
+                    with _main_not_rerun():
+                        future = pool.submit(N.work, arg)
+                    res = future.result()
+                    break
+                except BrokenProcessPool:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    pool = None
+            if res is None:
+                crashed += 1
+                if crashed >= 3 and not ok:
+                    raise WorkerError(
+                        f"ingest worker processes die on every input ({crashed} in a row, up to"
+                        f" {arg[2]}): out of memory, or a broken Pillow or soundfile install?"
+                        " Fix that and run the same command again: it resumes"
+                    )
+                log.warning("%s killed its worker process twice; rejected", arg[2])
+                res = N.Rejected(
+                    N.CRASHED,
+                    "the worker process decoding it died twice (a crash in a decoder library,"
+                    " or killed for memory)",
+                )
+            else:
+                ok += 1
+            yield res
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _executor(workers: int, initargs: tuple):
+    """A process pool whose workers import only featx.normalize (Pillow, soundfile), not
+    torch. forkserver, not fork: a fork of a threaded parent (Prefect, Ray clients) can
+    deadlock. A ProcessPoolExecutor, not a multiprocessing.Pool: Pool's worker-handler thread
+    wakes on every result that arrives (0.3 s of the parent's CPU per 2400 photos, taken from
+    the workers' two cores), and a Pool whose worker is killed waits forever for its task."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["featx.normalize"])
-    with _main_not_rerun():
-        pool = ctx.Pool(workers, initializer=N.init_worker, initargs=(params, layout))
-    with pool:
-        chunk = max(1, min(8, len(args) // (workers * 8)))
-        yield from zip(pending, pool.imap(N.work, args, chunksize=chunk), strict=True)
+    return ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=N.init_worker, initargs=initargs
+    )
 
 
 @contextlib.contextmanager
@@ -257,8 +346,6 @@ def _run_on_ray(
     """Decode on a Ray cluster: this process reads the inputs (they need not be visible to
     the nodes) and ships their bytes to one-CPU tasks, a bounded window at a time; results
     come back in input order, so the shards are the same bytes as a local run's."""
-    from collections import deque
-
     import ray
 
     from featx.cluster import init_ray
@@ -312,11 +399,11 @@ def _pending(out: Path, items: list[Item], rejects: list[Reject], prior: list[di
     if (out / REJECTED).exists():
         for line in (out / REJECTED).read_text().splitlines():
             r = json.loads(line)
-            if r["reason"] != N.DUPLICATE and r.get("mtime_ns"):
+            if r["reason"] not in (N.DUPLICATE, N.CRASHED) and r.get("mtime_ns"):
                 cached[(r["source"], r.get("size"), r["mtime_ns"])] = r
     for st in prior:
         for r in st.get("rejects", []):
-            if r.get("mtime_ns"):
+            if r["reason"] != N.CRASHED and r.get("mtime_ns"):
                 cached[(r["source"], r.get("size"), r["mtime_ns"])] = r
     pending = []
     for it in items:

@@ -39,6 +39,7 @@ BAD_ROW = "bad manifest row"
 OUTSIDE_CLASSES = "outside class folders"
 HIDDEN = "hidden file"
 CHANGED = "changed after ingest"
+CRASHED = "crashed the decoder"  # its process died on it twice; not cached, a re-run tries again
 
 IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 AUDIO_FORMATS = {"WAV", "FLAC", "OGG", "MP3", "WAVEX", "RF64"}
@@ -204,6 +205,11 @@ def work(arg: tuple):
     params, layout = _worker
     res = process(path, text, layout.modality, params)
     return encode(res, *info, layout) if isinstance(res, Normalised) else res
+
+
+def work_chunk(args: list[tuple]) -> list:
+    """`work` over a chunk of inputs: one round trip to a pool process per chunk."""
+    return [work(a) for a in args]
 
 
 def sniff(path: str) -> str | None:

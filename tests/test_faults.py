@@ -398,6 +398,121 @@ def test_ingest_sigkill_at_seeded_moments_resumes_byte_identical(tmp_path, fault
 
 
 # ---------------------------------------------------------------------------------------------
+# ingest's decoding processes: one killed mid-run, one input that crashes the decoder
+
+
+def _ingest_workers(proc: subprocess.Popen) -> list[int]:
+    """Pids of a running `featx ingest`'s pool processes (the forkserver's children)."""
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p.pid for p in kids if p.ppid() != proc.pid]
+
+
+def test_ingest_worker_killed_mid_run_loses_nothing(tmp_path, fault_figures):
+    """SIGKILL one of ingest's decoding processes (as the kernel's OOM killer would) at a
+    seeded moment: the run goes on, says so, and writes the uninterrupted run's shards."""
+    src, ref = tmp_path / "src", tmp_path / "ref"
+    _bmp_images(src, 900)
+    args = ["--shard-samples", "16", "--workers", "2", "--image-format", "png"]
+    args += ["--image-size", "64", "--val-fraction", "0.2"]
+    _ingest_here(src, ref, args)
+    rng = random.Random(SEED + 1)
+    kills = 0
+    for attempt in range(3):
+        out, log = tmp_path / f"out{attempt}", tmp_path / f"ingest{attempt}.log"
+        proc = start_featx("ingest", src, out, *args, log=log)
+        try:
+            wait_for(lambda o=out: list(o.glob("*/.shard-*.tmp*")), 60, "a shard", proc, log)
+            time.sleep(rng.uniform(0.0, 0.1))
+            workers = _ingest_workers(proc)
+            assert workers, f"no pool processes under featx ingest\n{log.read_text()}"
+            hit = sigkill(rng.choice(workers)) and proc.poll() is None
+            assert proc.wait(120) == 0, log.read_text()[-3000:]
+        finally:
+            kill_and_reap(proc)
+        if not hit:
+            continue
+        kills += 1
+        assert "worker process died" in log.read_text()
+        fault_figures.exactly_once(tar_keys(ref), tar_keys(out))
+        assert shard_bytes(out) == shard_bytes(ref)
+        assert (out / "rejected.jsonl").read_text() == (ref / "rejected.jsonl").read_text()
+        assert partial_files(out) == []
+    fault_figures.fault("SIGKILL ingest worker", kills)
+    assert kills >= 2, f"only {kills} of 3 kills hit a running ingest"
+
+
+# Loaded by every Python process of the run under test (PYTHONPATH): Pillow's `open` takes
+# down the pool process that calls it with SIGSEGV when the input carries the marker (or any
+# input, with CRASH_ALL), as a memory bug in a decoder library would. The featx process itself
+# is spared: its sniffing of inputs is not under test.
+_CRASHING_PILLOW = """
+import io, multiprocessing, os, resource, signal
+import PIL.Image
+
+_open = PIL.Image.open
+
+def open(fp, *args, **kwargs):
+    if multiprocessing.parent_process() is not None and isinstance(fp, io.BytesIO):
+        if os.environ.get("CRASH_ALL") or b"FEATX-TEST-CRASH" in fp.getvalue():
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            os.kill(os.getpid(), signal.SIGSEGV)
+    return _open(fp, *args, **kwargs)
+
+PIL.Image.open = open
+"""
+
+
+@pytest.fixture
+def crashing_pillow(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_CRASHING_PILLOW)
+    return lambda **extra: featx_env(PYTHONPATH=str(hook), **extra)
+
+
+def test_input_that_crashes_the_decoder_is_rejected_and_the_rest_ingested(
+    tmp_path, crashing_pillow, fault_figures
+):
+    src, ref, out = tmp_path / "src", tmp_path / "ref", tmp_path / "out"
+    _bmp_images(src, 300)
+    args = ["--shard-samples", "16", "--workers", "2", "--image-format", "png"]
+    args += ["--image-size", "32", "--modality", "image"]
+    _ingest_here(src, ref, args)  # the same inputs, without the poisonous one
+    poison = src / "c1" / "0100x.bmp"
+    poison.write_bytes((src / "c1" / "0100.bmp").read_bytes() + b"FEATX-TEST-CRASH")
+
+    r = run_featx("ingest", src, out, *args, env=crashing_pillow())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "c1/0100x.bmp killed its worker process twice" in r.stderr
+    rejects = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(x["source"], x["reason"]) for x in rejects] == [("c1/0100x.bmp", N.CRASHED)]
+    fault_figures.exactly_once(tar_keys(ref), tar_keys(out))
+    assert shard_bytes(out) == shard_bytes(ref)
+    fault_figures.fault("input crashing the decoder")
+
+    # A crash is not cached: the next run tries that input again (it may have been memory).
+    r = run_featx("ingest", src, out, *args, env=crashing_pillow())
+    assert r.returncode == 0 and "killed its worker process twice" in r.stderr, r.stderr
+    assert "up to date" in r.stderr
+
+
+def test_decoders_crashing_on_every_input_stop_with_a_clear_error(tmp_path, crashing_pillow):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _bmp_images(src, 200)
+    args = ["--workers", "2", "--image-size", "32", "--modality", "image"]
+    r = run_featx("ingest", src, out, *args, env=crashing_pillow(CRASH_ALL="1"))
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    error = one_line_error(r.stderr)
+    assert error and "die on every input" in error, r.stderr[-3000:]
+    assert not list(out.glob("*/shard-*.tar")) and partial_files(out) == []
+
+
+# ---------------------------------------------------------------------------------------------
 # disk trouble: a write that fails ends with a clear error and no half-written output
 
 
