@@ -270,6 +270,19 @@ def summarise_ingest(runs: list[dict]) -> dict:
                     ceiling,
                 )
             )
+            shares = [pr["featx_2"] / pr["baseline"] / pr["ceiling"] for pr in pairs]
+            rows.append(
+                row(
+                    "ingest",
+                    "featx's ratio over the ceiling, run by run (1.00: featx gets all that "
+                    "perfectly even work got from the two cores at the time; per-run "
+                    + ", ".join(f"{x:.2f}" for x in shares)
+                    + ")",
+                    "-",
+                    "-",
+                    statistics.median(shares),
+                )
+            )
         rows.append(
             row(
                 "ingest",
