@@ -5,7 +5,8 @@ resize + centre crop, JPEG encode, tarfile write) in one process. Beside it, the
 by hand over 2 forked processes measures what this machine's two cores give perfectly even
 work at the time: the ceiling for featx's 2-process ratio. Prints samples/s, MB/s, ratios and
 the peak memory (PSS, whole process tree) of each variant. With --scales 1,2,4 featx
-(2 processes) also runs on 2x and 4x the files, to show how time and memory grow.
+(2 processes) also runs on 2x and 4x the files, to show how time and memory grow, and, once,
+at the largest size for the CPU time of the process that runs it (its pool's threads included).
 Usage: python tests/benchmarks/bench_ingest.py [--n 600] [--repeats 3] [--scales 1] [--json F]
 """
 
@@ -130,6 +131,13 @@ def featx_ingest(src: Path, out: Path, workers: int) -> int:
     return s.total
 
 
+def _own_cpu_s() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def timed(fn, *args, tree: bool = True) -> tuple[float, int, float]:
     """Seconds, result and peak PSS (MB) of the process tree (or this process) while fn ran."""
     with TreeMemory(every_s=0.2, tree=tree) as mem:
@@ -189,6 +197,14 @@ def main() -> dict:
                 growth[k]["s"].append(sec)
                 growth[k]["mb"].append(peak)
                 shutil.rmtree(out)
+                if k == scales[-1] and r == 0:
+                    # The parent's own CPU (main thread and the pool's threads), in a run of its
+                    # own: the memory sampler above is a thread of this process too.
+                    out = tmp / f"featx_2-{k}x-cpu"
+                    cpu0 = _own_cpu_s()
+                    featx_ingest(srcs[k][0], out, 2)
+                    parent_cpu_s = _own_cpu_s() - cpu0
+                    shutil.rmtree(out)
                 if k == scales[-1]:
                     out = tmp / f"baseline-{k}x-{r}"
                     sec, n, _ = timed(baseline, srcs[k][0], out, tree=False)
@@ -256,6 +272,8 @@ def main() -> dict:
                 ),
                 "plain_split_2_samples_per_s": round(args.n * k / statistics.median(split_top), 1),
                 "plain_1_samples_per_s": round(args.n * k / statistics.median(base_top), 1),
+                # CPU seconds of the process that runs ingest (not its pool's), per 1000 inputs
+                "featx_2_parent_cpu_s_per_1000": round(parent_cpu_s * 1000 / (args.n * k), 3),
                 # Each repeat against the baselines timed in it (the machine's speed drifts).
                 "per_run": [{k: round(v, 3) for k, v in pr.items()} for pr in per_run],
             }

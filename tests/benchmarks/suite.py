@@ -292,6 +292,17 @@ def summarise_ingest(runs: list[dict]) -> dict:
                 f"{steady['featx_2_fixed_s']:.2f}",
             )
         )
+        if "featx_2_parent_cpu_s_per_1000" in steady:
+            rows.append(
+                row(
+                    "ingest",
+                    f"CPU of the process that runs ingest (its threads, not the pool's processes) "
+                    f"at {steady['scale']}, s per 1000 inputs: what it takes from the decoding "
+                    "processes' cores",
+                    "-",
+                    f"{steady['featx_2_parent_cpu_s_per_1000']:.3f}",
+                )
+            )
     rows += [
         row(
             "ingest",
