@@ -549,7 +549,7 @@ def main() -> None:
         console.print(f"[red]error[/]: {e}")
         sys.exit(2)
     except RuntimeError as e:
-        from featx.ingest import WorkerError
+        from featx.decode_pool import WorkerError
 
         if not isinstance(e, WorkerError):
             raise

@@ -12,23 +12,19 @@ import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import shutil
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from itertools import islice
 from pathlib import Path
 
 from featx import __version__
 from featx import normalize as N
 from featx.config import ConfigError, IngestConfig
+from featx.decode_pool import decode
 from featx.fsutil import atomic_write_text, exclusive, sha256_file
 from featx.normalize import sample_key, split_of  # noqa: F401 (part of this module's API)
 from featx.shards import ShardWriter, finished_shards, read_stats, remove_partials
@@ -41,10 +37,6 @@ CARD = "dataset.json"
 REJECTED = "rejected.jsonl"
 TOKENIZER = "tokenizer.json"
 FORMAT = "featx-shards/1"
-
-
-class WorkerError(RuntimeError):
-    """Ingest's worker processes die whatever the input: the environment is at fault."""
 
 
 @dataclass
@@ -99,10 +91,11 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         }
         seen = {e["sha256"]: e["key"] for st in prior for e in st["entries"]}
         ingested = 0
+        runs = None
         try:
             nodes: set[str] = set()  # Ray node ids that decoded, on a cluster
             sample_layout = N.Layout(modality, classes, cfg.val_fraction, cfg.test_fraction)
-            runs = _run(pending, params, sample_layout, cfg.workers, cfg.ray_address, nodes)
+            runs = _run(pending, params, sample_layout, cfg, out, nodes)
             for i, (item, res) in enumerate(runs):
                 if isinstance(res, N.Normalised) and res.sha256 in seen:
                     res = N.Rejected(N.DUPLICATE, f"duplicate of {seen[res.sha256]}", res.sha256)
@@ -123,6 +116,10 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
             for w in writers.values():
                 w.finish()
         except BaseException as e:
+            if runs is not None:
+                # its pool stops now, not when the traceback is freed; the error to report is e
+                with contextlib.suppress(Exception):
+                    runs.close()
             for w in writers.values():
                 w.abort()
             if isinstance(e, OSError) and e.filename is None:
@@ -204,158 +201,23 @@ def _run(
     pending: list[Item],
     params: N.Params,
     layout: N.Layout,
-    workers: int,
-    ray_address: str | None,
+    cfg: IngestConfig,
+    out: Path,
     nodes: set[str],
 ) -> Iterator:
     """Yield (item, result) in input order, decoding and encoding on all cores (of a Ray
     cluster if one is named, else of this machine); Ray node ids that did work go in `nodes`."""
     from featx.cluster import address_from
 
-    if address_from(ray_address) and pending:
-        yield from _run_on_ray(pending, params, layout, address_from(ray_address), nodes)
+    if not pending:
         return
-    workers = workers or os.cpu_count() or 1
+    if address_from(cfg.ray_address):
+        yield from _run_on_ray(pending, params, layout, address_from(cfg.ray_address), nodes)
+        return
+    workers = cfg.workers or os.cpu_count() or 1
     workers = min(workers, max(1, len(pending) // 8))
     args = [(it.path, it.text, it.source, it.label, it.split) for it in pending]
-    # Even one worker is a separate process: a decoder that crashes takes down that process,
-    # never featx, whatever the inputs or the options.
-    chunk = max(1, min(8, len(args) // (workers * 8)))
-    chunks = [args[i : i + chunk] for i in range(0, len(args), chunk)]
-    yield from zip(pending, _pooled(chunks, workers, (params, layout)), strict=True)
-
-
-# Chunks in flight per worker: enough queued work that a worker never waits for this process
-# (on busy cores its wake-ups come late: 2 per worker left the workers idle at times, 0.94x of
-# the machine's 2-process ceiling against 1.05x with 8), few enough to bound memory.
-IN_FLIGHT = 8
-
-
-def _pooled(chunks: list[list[tuple]], workers: int, initargs: tuple) -> Iterator:
-    """`N.work` of every input, in order, on `workers` processes.
-
-    A bounded window of chunks is in flight (IN_FLIGHT per worker), so memory stays flat
-    however many inputs there are. A process that dies (a decoder crash, the kernel's OOM
-    killer) breaks the pool: the unfinished chunks in flight then run again one input at a
-    time (`_isolated`), and the rest on a new pool, so one killed process loses nothing and
-    one poisonous input stops nothing.
-    """
-    todo = iter(chunks)
-    while True:
-        window: deque[list] = deque()  # [chunk, future], in input order
-        with _executor(workers, initargs) as pool:
-            try:
-                with _main_not_rerun():  # the first submits start the processes
-                    _submit(pool, window, todo, IN_FLIGHT * workers)
-                while window:
-                    yield from window[0][1].result()
-                    window.popleft()
-                    _submit(pool, window, todo, 1)
-                return
-            except BrokenProcessPool:
-                # chunks that finished before the death keep their results
-                lost = [
-                    pair
-                    for chunk, f in window
-                    for pair in zip(chunk, _result(f) or [None] * len(chunk), strict=True)
-                ]
-        log.warning(
-            "an ingest worker process died; running the %d inputs it may have held one at a time",
-            sum(res is None for _, res in lost),
-        )
-        yield from _isolated(lost, initargs)
-
-
-def _result(future) -> list | None:
-    """A finished future's result, or None if it failed, was cancelled or never ran."""
-    if future is None or not future.done() or future.cancelled() or future.exception():
-        return None
-    return future.result()
-
-
-def _submit(pool: ProcessPoolExecutor, window: deque, todo: Iterator, n: int) -> None:
-    for chunk in islice(todo, n):
-        window.append([chunk, None])  # in the window before submit can fail
-        window[-1][1] = pool.submit(N.work_chunk, chunk)
-
-
-def _isolated(pairs: list[tuple], initargs: tuple) -> Iterator:
-    """For each (input, result or None): the result, or `N.work` of the input alone in a
-    one-process pool; an input whose process dies twice is rejected (CRASHED) instead of
-    stopping the run. If the first three inputs run all crash, the fault is not in them (a
-    broken environment): stop with an error."""
-    pool, crashed, ok = None, 0, 0
-    try:
-        for arg, res in pairs:
-            if res is not None:
-                yield res
-                continue
-            for _ in range(2):
-                if pool is None:
-                    pool = _executor(1, initargs)
-                try:
-                    with _main_not_rerun():
-                        future = pool.submit(N.work, arg)
-                    res = future.result()
-                    break
-                except BrokenProcessPool:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    pool = None
-            if res is None:
-                crashed += 1
-                if crashed >= 3 and not ok:
-                    raise WorkerError(
-                        f"ingest worker processes die on every input ({crashed} in a row, up to"
-                        f" {arg[2]}): out of memory, or a broken Pillow or soundfile install?"
-                        " Fix that and run the same command again: it resumes"
-                    )
-                log.warning("%s killed its worker process twice; rejected", arg[2])
-                res = N.Rejected(
-                    N.CRASHED,
-                    "the worker process decoding it died twice (a crash in a decoder library,"
-                    " or killed for memory)",
-                )
-            else:
-                ok += 1
-            yield res
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _executor(workers: int, initargs: tuple):
-    """A process pool whose workers import only featx.normalize (Pillow, soundfile), not
-    torch. forkserver, not fork: a fork of a threaded parent (Prefect, Ray clients) can
-    deadlock. A ProcessPoolExecutor, not a multiprocessing.Pool: Pool's worker-handler thread
-    wakes on every result that arrives (0.3 s of the parent's CPU per 2400 photos, taken from
-    the workers' two cores), and a Pool whose worker is killed waits forever for its task."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["featx.normalize"])
-    return ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=N.init_worker, initargs=initargs
-    )
-
-
-@contextlib.contextmanager
-def _main_not_rerun():
-    """Start pool workers without re-running the program's main module in each of them.
-
-    forkserver children import `__main__` again (for `featx ingest`, the CLI with typer, rich
-    and pydantic: 0.1-0.3 s per worker, most of a small ingest's start-up), and Python 3.11's
-    "__main__" preload, meant to share that import, never receives the path. The workers
-    need nothing from `__main__` (their code is featx.normalize), so it is hidden from
-    multiprocessing while the workers start.
-    """
-    main = sys.modules["__main__"]
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__spec__ = None
-    try:
-        yield
-    finally:
-        main.__dict__.update(saved)
-        if "__spec__" not in saved:
-            del main.__spec__
+    yield from zip(pending, decode(args, workers, params, layout, out), strict=True)
 
 
 # Inputs per Ray task: enough to amortise a task's overhead (~1 ms), few enough to spread.

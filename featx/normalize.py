@@ -11,7 +11,10 @@ import contextlib
 import hashlib
 import io
 import json
+import os
+import pickle
 import tarfile
+import tempfile
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -207,9 +210,17 @@ def work(arg: tuple):
     return encode(res, *info, layout) if isinstance(res, Normalised) else res
 
 
-def work_chunk(args: list[tuple]) -> list:
-    """`work` over a chunk of inputs: one round trip to a pool process per chunk."""
-    return [work(a) for a in args]
+def work_chunk(args: list[tuple], spool: str) -> str:
+    """`work` over a chunk of inputs (one round trip to a pool process), pickled into a new
+    file in `spool`; returns its path. Results travel by file, not through the pool's shared
+    result pipe: a process killed while writing a large message there leaves half a message
+    that blocks the reader forever, while a path is one small write, which a pipe makes
+    atomic."""
+    out = [work(a) for a in args]
+    fd, path = tempfile.mkstemp(dir=spool, suffix=".pickle")
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
 
 
 def sniff(path: str) -> str | None:

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import time
 from collections import Counter
@@ -43,13 +44,16 @@ def finished_shards(out, split: str) -> list:
 
 
 def remove_partials(out: Path) -> int:
-    """Delete temporaries and tars without stats left by a killed run; returns how many."""
+    """Delete temporaries (files and folders) and tars without stats left by a killed run;
+    returns how many."""
     n = 0
-    for folder in [out, *(p for p in out.iterdir() if p.is_dir())] if out.is_dir() else []:
+    if not out.is_dir():
+        return 0
+    for folder in [out, *(p for p in out.iterdir() if p.is_dir() and p.name[0] != ".")]:
         for p in folder.iterdir():
             orphan = p.suffix == ".tar" and not stats_path(p).exists()
             if (p.name.startswith(".") and ".tmp" in p.name) or orphan:
-                p.unlink()
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
                 n += 1
     return n
 

@@ -8,6 +8,7 @@ session's figures, printed at the end of the run (conftest.py, `fault_figures`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -409,7 +410,12 @@ def _ingest_workers(proc: subprocess.Popen) -> list[int]:
         kids = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [p.pid for p in kids if p.ppid() != proc.pid]
+    pids = []
+    for p in kids:
+        with contextlib.suppress(psutil.NoSuchProcess):  # one that exits while we look
+            if p.ppid() != proc.pid:
+                pids.append(p.pid)
+    return pids
 
 
 def test_ingest_worker_killed_mid_run_loses_nothing(tmp_path, fault_figures):
