@@ -1,15 +1,17 @@
-"""Probe: how linearly separable are extracted features? Logistic regression vs random weights.
+"""Probe: how linearly separable are extracted features? Logistic regression vs baselines.
 
 A standardised logistic regression is fitted on the train rows and scored on val (and test), for
-the extracted features and, as a baseline, for features of the same architecture with random
-weights (fixed seed), extracted the same way into FEATURES_DIR/_baseline/. Trained features that
-do not beat random ones have not learnt anything the labels care about.
+the extracted features and, as baselines, for features of the same architecture with random
+weights (fixed seed, extracted into FEATURES_DIR/_baseline/) and for classic features of the same
+samples (`featx.classic`: raw pixels, tf-idf, log-mel statistics). Trained features that do not
+beat both have not learnt anything the labels care about.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,8 +36,12 @@ class ProbeResult:
     per_class_accuracy: dict[str, float]  # val, class name -> accuracy on that class (recall)
     baseline_accuracy: float | None = None  # val accuracy on the random-init baseline features
     baseline_per_class_accuracy: dict[str, float] = field(default_factory=dict)
+    classic_accuracy: float | None = None  # val accuracy on classic features of the same samples
+    classic_per_class_accuracy: dict[str, float] = field(default_factory=dict)
+    classic_features: str | None = None  # what they were, e.g. "raw pixels 16x16"
     # split -> {"accuracy", "majority_accuracy", "per_class_accuracy", "baseline_accuracy",
-    #           "baseline_per_class_accuracy"} for every labelled eval split (val, test)
+    #           "baseline_per_class_accuracy", "classic_accuracy", "classic_per_class_accuracy"}
+    #           for every labelled eval split (val, test)
     splits: dict[str, dict] = field(default_factory=dict)
     baseline_dir: str | None = None
     seconds: float = 0.0
@@ -49,17 +55,22 @@ def probe(
     baseline_checkpoint: Path | None = None,
     *,
     baseline: bool = True,
+    classic: bool = True,
     dataset: Path | None = None,
     seed: int = 0,
     batch_size: int = 64,
     workers: int | None = None,
     ray_address: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ProbeResult:
     """Fit a logistic-regression probe on train rows; accuracy on val (and test) rows.
 
     The baseline is `baseline_checkpoint` if given, otherwise the features' own architecture
     with random weights (`seed`); its features are extracted from `dataset` (default: the one
     recorded in the manifest) into FEATURES_DIR/_baseline/features. `baseline=False` skips it.
+    The classic baseline probes `featx.classic` features of the same samples of `dataset`,
+    matched to the feature rows by key; `classic=False` skips it. `progress(done, total)` is
+    called as the classic features are computed.
     """
     from featx import storage
 
@@ -70,11 +81,13 @@ def probe(
                 local,
                 baseline_checkpoint,
                 baseline=baseline,
+                classic=classic,
                 dataset=dataset,
                 seed=seed,
                 batch_size=batch_size,
                 workers=workers,
                 ray_address=ray_address,
+                progress=progress,
             )
         result.features_dir = storage.display(features_dir)
         if result.baseline_dir:
@@ -90,7 +103,11 @@ def probe(
             f"No {MANIFEST} in {features_dir}: run `featx extract DATASET --checkpoint RUN_DIR "
             f"--out {features_dir}` first"
         )
-    fit = _Probe.fit(features_dir, seed)
+    X, df = read_features(features_dir)
+    fit = _Probe.fit(X, df, features_dir, seed)
+    # Both baselines read the dataset; check it once, before either starts work.
+    needs = [name for name, on in (("random-init", baseline), ("classic", classic)) if on]
+    source = _source_dataset(manifest, dataset, needs) if needs else None
     splits = {
         s: {
             "accuracy": fit.accuracy[s],
@@ -113,19 +130,31 @@ def probe(
             features_dir,
             manifest,
             baseline_checkpoint,
-            dataset,
+            source,
             seed,
             batch_size,
             workers,
             ray_address,
         )
-        base = _Probe.fit(bdir, seed)
+        base = _Probe.fit(*read_features(bdir), bdir, seed)
         for s, d in splits.items():
             d["baseline_accuracy"] = base.accuracy.get(s)
             d["baseline_per_class_accuracy"] = base.per_class.get(s, {})
         result.baseline_accuracy = base.accuracy["val"]
         result.baseline_per_class_accuracy = base.per_class["val"]
         result.baseline_dir = str(bdir)
+    if classic:
+        from featx.classic import classic_features
+
+        feats = classic_features(source, progress=progress)
+        # By key, never by position: the rows, labels and splits are exactly the probe's own.
+        cfit = _Probe.fit(feats.take(df["key"]), df, features_dir, seed)
+        for s, d in splits.items():
+            d["classic_accuracy"] = cfit.accuracy.get(s)
+            d["classic_per_class_accuracy"] = cfit.per_class.get(s, {})
+        result.classic_accuracy = cfit.accuracy["val"]
+        result.classic_per_class_accuracy = cfit.per_class["val"]
+        result.classic_features = feats.kind
     result.seconds = round(time.perf_counter() - t0, 3)
     return result
 
@@ -139,12 +168,13 @@ class _Probe:
     per_class: dict[str, dict[str, float]]
 
     @classmethod
-    def fit(cls, features_dir: Path, seed: int) -> _Probe:
+    def fit(cls, X, df, features_dir: Path, seed: int) -> _Probe:
+        """Probe rows X (dense, or scipy sparse) whose key, split and labels are `df`'s."""
+        from scipy import sparse
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        X, df = read_features(features_dir)
         labelled = df["label"].notna().to_numpy()
         if not labelled.any():
             raise ValueError(
@@ -166,7 +196,9 @@ class _Probe:
                 "a probe needs at least two"
             )
         names = dict(zip(y[labelled].astype(int), df["label_name"][labelled], strict=True))
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
+        # Centring would densify a sparse matrix (tf-idf): scale it only.
+        scaler = StandardScaler(with_mean=not sparse.issparse(X))
+        clf = make_pipeline(scaler, LogisticRegression(max_iter=5000, random_state=seed))
         clf.fit(X[train], y[train].astype(int))
         values, counts = np.unique(y[train].astype(int), return_counts=True)
         common = values[np.argmax(counts)]
@@ -189,6 +221,42 @@ class _Probe:
         )
 
 
+def headline(probe: dict) -> str:
+    """One line of a probe's val numbers (a `ProbeResult.to_dict()`), for reports and logs."""
+
+    def f(v) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    classic = (
+        f"classic ({probe['classic_features']})" if probe.get("classic_features") else "classic"
+    )
+    return (
+        f"accuracy {f(probe['accuracy'])} vs random-init baseline "
+        f"{f(probe.get('baseline_accuracy'))}, {classic} {f(probe.get('classic_accuracy'))}, "
+        f"majority class {f(probe.get('majority_accuracy'))}"
+    )
+
+
+def _source_dataset(manifest: dict, dataset, needs: list[str]):
+    """The dataset the features came from (`dataset`, else the manifest's), checked to exist."""
+    from featx import storage
+    from featx.ingest import CARD
+
+    dataset = storage.location(dataset or manifest["dataset"])
+    if not storage.exists(storage.join(dataset, CARD)):
+        flags = {
+            "random-init": "baseline=False (--no-baseline)",
+            "classic": "classic=False (--no-classic)",
+        }
+        what = " and ".join(needs) + (" baselines need" if len(needs) > 1 else " baseline needs")
+        raise FileNotFoundError(
+            f"the {what} the dataset the features came from, and {storage.display(dataset)} "
+            f"holds no {CARD}; pass dataset=<folder> (--dataset), or skip with "
+            + " and ".join(flags[n] for n in needs)
+        )
+    return dataset
+
+
 def _baseline_features(
     features_dir, manifest, checkpoint, dataset, seed, batch_size, workers, ray_address
 ) -> Path:
@@ -199,12 +267,6 @@ def _baseline_features(
     from featx.fsutil import sha256_file
 
     root = features_dir / BASELINE_DIR
-    dataset = storage.location(dataset or manifest["dataset"])
-    if not storage.exists(storage.join(dataset, "dataset.json")):
-        raise FileNotFoundError(
-            f"the baseline needs the dataset the features came from, and {dataset} holds no "
-            "dataset.json; pass dataset=<folder> (--dataset) or baseline=False (--no-baseline)"
-        )
     model_dir = (
         resolve_model_dir(storage.location(checkpoint))
         if checkpoint

@@ -6,6 +6,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from featx.extract import ExtractConfig
+from featx.probe import headline
 from flows.tasks import class_table_artifact, extract_task, probe_task
 
 
@@ -22,12 +23,7 @@ def extract_flow(config: ExtractConfig, run_probe: bool = True) -> dict:
             f"# Features\n\n{summary['total_rows']} rows x {summary['feature_dim']} floats in "
             f"`{summary['out']}` ({summary['files_written']} files written, "
             f"{summary['files_skipped']} already done).\n\n"
-            + (
-                f"Linear probe accuracy {probe['accuracy']:.3f} vs random-init baseline "
-                f"{probe['baseline_accuracy']:.3f}.\n"
-                if probe
-                else ""
-            )
+            + (f"Linear probe (val): {headline(probe)}.\n" if probe else "")
         ),
         description="Extraction summary",
     )

@@ -8,6 +8,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from featx.pipeline import PipelineConfig, report_markdown, summarise, write_report
+from featx.probe import headline
 from flows.tasks import (
     class_table_artifact,
     extract_task,
@@ -35,8 +36,5 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B
         key="featx-pipeline", markdown=report_markdown(summary), description="Pipeline report"
     )
     class_table_artifact(load_card(config.shards), probed)
-    print(
-        f"features: {config.features}  probe accuracy: {probed['accuracy']:.3f} "
-        f"(baseline {probed['baseline_accuracy']:.3f})  report: {config.report}"
-    )
+    print(f"features: {config.features}  probe: {headline(probed)}  report: {config.report}")
     return summary

@@ -1,4 +1,4 @@
-"""Probe: trained features beat random-init ones; clear errors without labels or val rows."""
+"""Probe: trained features beat random-init ones; classic baselines; clear errors."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from featx.checkpoint import save_model_dir
+from featx.classic import classic_features
 from featx.config import IngestConfig
 from featx.extract import extract
-from featx.features import BASELINE_DIR, make_table, write_manifest, write_part
+from featx.features import BASELINE_DIR, make_table, read_features, write_manifest, write_part
 from featx.ingest import ingest, load_card
 from featx.models import create_model
 from featx.probe import probe
+from featx.shards import finished_shards, read_stats
 
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]])
 SIZE, PATCH = 32, 12
@@ -107,6 +109,8 @@ def test_trained_features_beat_the_random_init_baseline(
     assert r.rows["train"] == card["counts"]["train"]["total"]
     assert r.accuracy > r.baseline_accuracy, r.to_dict()
     assert r.accuracy >= 0.8 and r.accuracy > r.majority_accuracy
+    assert r.classic_features == "raw pixels 16x16" and r.classic_accuracy is not None
+    assert set(r.classic_per_class_accuracy) == {"c0", "c1", "c2"}
     assert set(r.per_class_accuracy) == set(r.baseline_per_class_accuracy) == {"c0", "c1", "c2"}
     assert r.classes == ["c0", "c1", "c2"] and list(r.splits) == ["val"]
     assert Path(r.baseline_dir) == out / BASELINE_DIR / "features"
@@ -120,6 +124,7 @@ def test_trained_features_beat_the_random_init_baseline(
     res = CliRunner().invoke(app, ["probe", str(out)])
     assert res.exit_code == 0, res.output
     assert "random-init baseline" in res.output and f"{r.accuracy:.3f}" in res.output
+    assert "classic: raw pixels 16x16" in res.output and f"{r.classic_accuracy:.3f}" in res.output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,9 +155,11 @@ def write_features(root: Path, rows: dict[str, int], labelled: bool = True, seed
 
 
 def test_probe_scores_val_and_test_per_class(tmp_path):
-    r = probe(write_features(tmp_path, {"train": 40, "val": 20, "test": 10}), baseline=False)
+    features = write_features(tmp_path, {"train": 40, "val": 20, "test": 10})
+    r = probe(features, baseline=False, classic=False)
     assert r.accuracy == 1.0 and r.splits["test"]["accuracy"] == 1.0
     assert r.majority_accuracy == 0.5 and r.baseline_accuracy is None
+    assert r.classic_accuracy is None and r.classic_features is None
     assert r.per_class_accuracy == {"k0": 1.0, "k1": 1.0}
     assert r.rows == {"train": 40, "val": 20, "test": 10}
 
@@ -166,3 +173,146 @@ def test_probe_without_labels_or_val_rows_says_what_to_do(tmp_path):
         probe(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="dataset"):  # the auto baseline needs it
         probe(write_features(tmp_path / "c", {"train": 10, "val": 4}))
+
+
+# ---------------------------------------------------------------------------------------------
+# the classic baseline, on small datasets made here where the raw samples carry the class
+
+
+def features_of(dataset: Path, root: Path, seed: int = 0) -> Path:
+    """A features folder for every sample of `dataset`: its keys, splits and labels, noise as
+    embeddings, and rows in a random order (not the shards'), so only matching by key works."""
+    rng = np.random.default_rng(seed)
+    card = load_card(dataset)
+    root.mkdir(parents=True, exist_ok=True)
+    write_manifest(root, {"checkpoint_sha256": "0" * 64, "dataset": str(dataset)})
+    for split in card["counts"]:
+        entries = [e for tar in finished_shards(dataset, split) for e in read_stats(tar)["entries"]]
+        entries = [entries[i] for i in rng.permutation(len(entries))]
+        table = make_table(
+            keys=[e["key"] for e in entries],
+            split=split,
+            labels=[card["classes"][e["label"]] for e in entries],
+            label_names=[e["label"] for e in entries],
+            sources=[e["source"] for e in entries],
+            embeddings=rng.normal(0, 1, (len(entries), 4)),
+            metadata={},
+        )
+        (root / split).mkdir(parents=True, exist_ok=True)
+        write_part(root / split / "part-000000.parquet", table)
+    return root
+
+
+def _ingest(src: Path, out: Path, **kw) -> Path:
+    ingest(IngestConfig.parse(src=src, out=out, shard_samples=8, workers=1, **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def square_ds(tmp_path_factory) -> Path:
+    """Noisy grey 16x16 images with a square of the class's colour in the middle."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("squares")
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        a = rng.normal(128, 30, (16, 16, 3))
+        a[5:11, 5:11] = COLOURS[i % 3]
+        path = root / "src" / f"c{i % 3}" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path)
+    return _ingest(root / "src", root / "ds", val_fraction=0.3, image_size=16, image_format="png")
+
+
+@pytest.fixture(scope="module")
+def words_ds(tmp_path_factory) -> Path:
+    """Texts whose class shows only in which topic words they use, among shared filler."""
+    import json
+
+    root = tmp_path_factory.mktemp("words")
+    rng = np.random.default_rng(0)
+    topics = {
+        "sport": ["goal", "match", "striker", "referee", "league", "keeper"],
+        "cooking": ["oven", "flour", "simmer", "garlic", "recipe", "butter"],
+    }
+    filler = ["the", "today", "again", "very", "people", "said", "about", "week"]
+    rows = []
+    for i in range(60):
+        label = "sport" if i % 2 else "cooking"
+        words = [*rng.choice(topics[label], 3), *rng.choice(filler, 9)]
+        text = " ".join(rng.permutation(words))
+        rows.append({"text": text, "label": label, "split": "val" if i % 4 == 0 else "train"})
+    (root / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return _ingest(root / "texts.jsonl", root / "ds", modality="text", vocab_size=64)
+
+
+def test_classic_pixels_carry_the_class_and_rows_match_by_key(square_ds, tmp_path):
+    features = features_of(square_ds, tmp_path / "features")
+    # The rows are not in shard order: a probe matching classic rows by position would pair
+    # samples with other samples' labels.
+    shard_keys = [
+        e["key"] for t in finished_shards(square_ds, "train") for e in read_stats(t)["entries"]
+    ]
+    _, df = read_features(features, split="train")
+    assert list(df["key"]) != shard_keys and sorted(df["key"]) == sorted(shard_keys)
+
+    r = probe(features, baseline=False)
+    assert r.classic_features == "raw pixels 16x16"
+    assert r.classic_accuracy >= 0.9 and r.classic_accuracy > r.majority_accuracy + 0.4
+    assert set(r.classic_per_class_accuracy) == {"c0", "c1", "c2"}
+    assert r.splits["val"]["classic_accuracy"] == r.classic_accuracy
+    assert r.accuracy < 0.8  # the hand-made "trained" features are noise
+    assert classic_features(square_ds).X.shape == (48, 16 * 16 * 3)
+
+
+def test_classic_tfidf_finds_the_topic_words_and_stays_sparse(words_ds, tmp_path):
+    from scipy import sparse
+
+    r = probe(features_of(words_ds, tmp_path / "features"), baseline=False)
+    assert r.classic_features == "tf-idf word 1-2 grams"
+    assert r.classic_accuracy >= 0.9 and r.rows["val"] == 15
+    feats = classic_features(words_ds)
+    assert sparse.issparse(feats.X) and feats.X.shape[0] == 60
+
+
+def test_classic_log_mel_stats_tell_low_from_high_tones(tmp_path):
+    from conftest import make_audio
+
+    for i in range(16):  # make_audio's tone is 200 + 50 * seed Hz
+        label, seed = ("low", i) if i % 2 else ("high", 40 + i)
+        make_audio(tmp_path / "src" / label / f"{i:02d}.flac", seed, seconds=0.2)
+    ds = _ingest(tmp_path / "src", tmp_path / "ds", val_fraction=0.4)
+    feats = classic_features(ds)
+    assert feats.kind == "log-mel 40-band mean+std" and feats.X.shape == (16, 80)
+    r = probe(features_of(ds, tmp_path / "features"), baseline=False)
+    assert r.classic_accuracy == 1.0
+
+
+def test_no_classic_skips_it_and_a_missing_dataset_says_what_to_do(square_ds, tmp_path):
+    from typer.testing import CliRunner
+
+    from featx.cli import app
+
+    features = features_of(square_ds, tmp_path / "features")
+    res = CliRunner().invoke(app, ["probe", str(features), "--no-baseline"])
+    assert res.exit_code == 0, res.output
+    assert "classic: raw pixels 16x16" in res.output
+
+    nowhere = write_features(tmp_path / "nowhere", {"train": 10, "val": 4})
+    with pytest.raises(FileNotFoundError, match="classic baseline needs the dataset.*--no-classic"):
+        probe(nowhere, baseline=False)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"random-init and classic baselines.*--no-baseline\) and .*--no-classic",
+    ):
+        probe(nowhere)
+    # Without the classic baseline the dataset is never read.
+    res = CliRunner().invoke(app, ["probe", str(nowhere), "--no-baseline", "--no-classic"])
+    assert res.exit_code == 0, res.output
+    assert "classic:" not in res.output
+
+
+def test_classic_refuses_feature_rows_the_dataset_does_not_hold(square_ds, words_ds, tmp_path):
+    features = features_of(words_ds, tmp_path / "features")
+    with pytest.raises(ValueError, match="no sample in the dataset.*--dataset"):
+        probe(features, baseline=False, dataset=square_ds)
