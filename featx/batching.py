@@ -23,9 +23,16 @@ IMAGE_FILL = tuple(round(255 * m) for m in IMAGE_MEAN)  # augmentation border: ~
 _IMAGE_SCALE = 1.0 / (255.0 * torch.tensor(IMAGE_STD).view(1, 3, 1, 1))
 _IMAGE_SHIFT = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
 
-TOKEN_DROPOUT = 0.1  # fraction of tokens removed per text sample when augmenting
+# Fraction of tokens removed per text sample when augmenting. Small text corpora overfit fast
+# (train accuracy near 1 within a few epochs); on real ones 0.25 lifted the probe by 1-3 points
+# over 0.1 for every family.
+TOKEN_DROPOUT = 0.25
 AUDIO_SHIFT = 0.1  # largest circular time shift, as a fraction of the clip's length
 AUDIO_NOISE_STD = 0.005  # Gaussian noise on waveforms in [-1, 1], about -46 dBFS
+AUDIO_SPEED = 0.1  # speed (tempo and pitch) changes by up to +-10%
+AUDIO_TIME_MASKS = 2  # silenced spans per clip, each up to AUDIO_TIME_MASK of its length
+AUDIO_TIME_MASK = 0.05
+AUDIO_FREQ_MASK = 0.1  # one band of up to 10% of the spectrum removed
 
 
 class Batcher:
@@ -49,6 +56,7 @@ class Batcher:
         tokenizer_path: str | os.PathLike | None = None,
         max_tokens: int = 256,
         augment: bool = False,
+        flip: bool = False,
         seed: int | None = None,
     ) -> None:
         if modality not in MODALITIES:
@@ -64,6 +72,7 @@ class Batcher:
         self.tokenizer_path = None if tokenizer_path is None else str(tokenizer_path)
         self.max_tokens = max_tokens
         self.augment = augment
+        self.flip = flip
         self.seed = seed
         self._tokenizer = None
         self._unk_id = 1
@@ -142,7 +151,7 @@ class Batcher:
         h, w, _ = arrays[0].shape
         pad = max(1, min(h, w) // 16)
         shifts = rng.integers(-pad, pad + 1, size=(len(arrays), 2))
-        flips = rng.random(len(arrays)) < 0.5
+        flips = rng.random(len(arrays)) < (0.5 if self.flip else 0.0)
         out = np.empty((len(arrays), h, w, 3), np.uint8)
         out[:] = np.broadcast_to(np.asarray(IMAGE_FILL, np.uint8), (h, w, 3))
         for i, (a, (dy, dx)) in enumerate(zip(arrays, shifts, strict=True)):
@@ -217,12 +226,34 @@ class Batcher:
         return x, lengths
 
     def _augment_wave(self, wave: np.ndarray) -> np.ndarray:
-        """Circular time shift within the clip and light noise; the length never changes."""
+        """Speed, shift, masks in time and frequency, light noise; the length never changes.
+
+        The speed change (tempo and pitch together, as a faster or higher voice) and the masks
+        (SpecAugment's, done on the waveform: silenced spans, and a band removed from the
+        spectrum) teach a model that a word is the same word whoever says it and whatever
+        drowns part of it. Measured on real spoken digits, they lifted the probe of every
+        family (README, Models).
+        """
         rng = self._random()
-        limit = int(AUDIO_SHIFT * wave.size)
-        shifted = np.roll(wave, int(rng.integers(-limit, limit + 1)))
-        noise = rng.normal(0.0, AUDIO_NOISE_STD, size=wave.size)
-        return np.clip(shifted + noise, -1.0, 1.0).astype(np.float32)
+        n = wave.size
+        rate = rng.uniform(1.0 - AUDIO_SPEED, 1.0 + AUDIO_SPEED)
+        stretched = np.interp(np.arange(0.0, n, rate)[:n], np.arange(n), wave)
+        out = np.zeros(n)
+        out[: stretched.size] = stretched
+        limit = int(AUDIO_SHIFT * n)
+        out = np.roll(out, int(rng.integers(-limit, limit + 1)))
+        for _ in range(AUDIO_TIME_MASKS):
+            width = int(rng.integers(0, int(AUDIO_TIME_MASK * n) + 1))
+            start = int(rng.integers(0, max(1, n - width)))
+            out[start : start + width] = 0.0
+        if n >= 64:
+            spectrum = np.fft.rfft(out)
+            width = int(rng.integers(0, int(AUDIO_FREQ_MASK * spectrum.size) + 1))
+            start = int(rng.integers(0, max(1, spectrum.size - width)))
+            spectrum[start : start + width] = 0.0
+            out = np.fft.irfft(spectrum, n)
+        out += rng.normal(0.0, AUDIO_NOISE_STD, size=n)
+        return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
 def make_collate(
@@ -231,9 +262,15 @@ def make_collate(
     tokenizer_path: str | os.PathLike | None = None,
     max_tokens: int = 256,
     augment: bool = False,
+    flip: bool = False,
     seed: int | None = None,
 ) -> Batcher:
     """The collate function for `modality`; see `Batcher` for the batch it returns."""
     return Batcher(
-        modality, tokenizer_path=tokenizer_path, max_tokens=max_tokens, augment=augment, seed=seed
+        modality,
+        tokenizer_path=tokenizer_path,
+        max_tokens=max_tokens,
+        augment=augment,
+        flip=flip,
+        seed=seed,
     )

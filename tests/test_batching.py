@@ -87,9 +87,10 @@ def test_image_augmentation_is_seeded_and_keeps_the_size():
     assert torch.equal(plain, make_collate("image")(samples)["x"])
 
 
-def test_each_augmented_image_is_a_shifted_or_mirrored_copy_of_its_own():
+@pytest.mark.parametrize("flip", [False, True])
+def test_each_augmented_image_is_a_shifted_or_mirrored_copy_of_its_own(flip):
     samples = images(16)
-    out = make_collate("image", augment=True, seed=0)(samples)["x"]
+    out = make_collate("image", augment=True, flip=flip, seed=0)(samples)["x"]
     size = samples[0]["image"].shape[0]
     pad = max(1, size // 16)
     flips = 0
@@ -112,7 +113,10 @@ def test_each_augmented_image_is_a_shifted_or_mirrored_copy_of_its_own():
         ]
         assert found, f"augmented image {i} is not a shifted or mirrored copy of its own"
         flips += found[0]
-    assert 0 < flips < len(samples)  # both mirrored and unmirrored samples occur
+    if flip:
+        assert 0 < flips < len(samples)  # both mirrored and unmirrored samples occur
+    else:  # a mirror changes what a digit or a letter means: only with flip=True
+        assert flips == 0
 
 
 def test_mixed_image_sizes_are_rejected_with_the_keys():

@@ -8,7 +8,14 @@
 from featx.models import attention, cnn, rnn  # noqa: F401
 from featx.models.audio import LogMel, mel_filterbank
 from featx.models.model import FeatureExtractor, FeatureModel
-from featx.models.registry import MODALITIES, PRESETS, create_model, list_models, register_model
+from featx.models.registry import (
+    MODALITIES,
+    PRESETS,
+    create_model,
+    default_lr,
+    list_models,
+    register_model,
+)
 
 __all__ = [
     "MODALITIES",
@@ -17,6 +24,7 @@ __all__ = [
     "FeatureModel",
     "LogMel",
     "create_model",
+    "default_lr",
     "list_models",
     "mel_filterbank",
     "register_model",

@@ -2,7 +2,13 @@
 
 Padding never changes a sample's features: after every block the padded steps are zeroed again,
 so a conv near a clip's end sees the same zeros as at the border of the clip on its own, and the
-global mean counts valid steps only. BatchNorm's training statistics count valid steps only.
+pooling counts valid steps only. BatchNorm's training statistics count valid steps only.
+
+Grids (images, spectrograms) halve their resolution per stage and are mean-pooled. Text keeps
+every token (a stride would merge words) with at least `embed_dim` channels (narrower stages
+would squeeze the embeddings), and is max-pooled: a topic shows in a few telling n-grams
+anywhere in a text, which a mean over hundreds of tokens dilutes (Kim, 2014). Measured on
+real corpora: max-pooled stride-1 text CNNs went from below half to about tf-idf's accuracy.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ class ConvBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """`lengths`: valid steps of the output (after this block's stride); None = all."""
         y = self.conv(x)
         mask = None
         if lengths is not None:
@@ -84,20 +91,35 @@ class ConvBlock(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """Stages of one stride-2 block plus `depth` residual blocks; global mean pool to widths[-1].
+    """Stages of one entry block plus `depth` residual blocks; global pooling to widths[-1].
 
-    `lengths` counts valid steps along the last axis (text tokens, audio frames); None = all valid.
+    The entry block of a stage has stride 2 (`downsample`) or 1. `lengths` counts valid steps
+    along the last axis (text tokens, audio frames); None = all valid. `pool` is "mean" or "max"
+    over the valid steps.
     """
 
-    def __init__(self, in_channels: int, widths: list[int], depth: int, dims: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        widths: list[int],
+        depth: int,
+        dims: int,
+        *,
+        downsample: bool = True,
+        pool: str = "mean",
+    ) -> None:
         super().__init__()
         blocks = []
         c = in_channels
+        stride = 2 if downsample else 1
         for w in widths:
-            blocks.append(ConvBlock(c, w, stride=2, dims=dims))
+            blocks.append(ConvBlock(c, w, stride=stride, dims=dims))
             blocks += [ConvBlock(w, w, stride=1, dims=dims) for _ in range(depth)]
             c = w
         self.blocks = nn.ModuleList(blocks)
+        # the first block of each stage replaces its input; the others add to it
+        self.residual = [i % (depth + 1) != 0 for i in range(len(blocks))]
+        self.pool = pool
         self.feature_dim = widths[-1]
 
     def _mask(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -108,17 +130,19 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = self._mask(x, lengths)
-        for block in self.blocks:
-            if block.stride == 1:
-                x = x + block(x)
-            else:
-                x = block(x)
-                if lengths is not None:
-                    # kernel 3, padding 1, stride 2: T steps -> ceil(T / 2), for the batch and for
-                    # each clip alone, and output t reads inputs 2t-1..2t+1 in both cases
-                    lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
-            x = self._mask(x, lengths)
+        for block, residual in zip(self.blocks, self.residual, strict=True):
+            if block.stride == 2 and lengths is not None:
+                # kernel 3, padding 1, stride 2: T steps -> ceil(T / 2), for the batch and for
+                # each clip alone, and output t reads inputs 2t-1..2t+1 in both cases
+                lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
+            y = block(x, lengths)
+            x = self._mask(x + y if residual else y, lengths)
         spatial = tuple(range(2, x.ndim))
+        if self.pool == "max":
+            if lengths is None:
+                return x.amax(dim=spatial)
+            valid = length_mask(lengths, x.shape[-1]).view(x.shape[0], *([1] * (x.ndim - 2)), -1)
+            return x.masked_fill(~valid, float("-inf")).amax(dim=spatial)
         if lengths is None:
             return x.mean(dim=spatial)
         per_step = x.shape[2:-1].numel()  # frequency bins of a spectrogram; 1 for text
@@ -137,7 +161,9 @@ def cnn(
     if modality == "image":
         return ImageStem(), ConvEncoder(3, widths, depth, dims=2)
     if modality == "text":
-        stem = TextStem(vocab_size, cfg["embed_dim"], channels_first=True)
-        return stem, ConvEncoder(cfg["embed_dim"], widths, depth, dims=1)
+        dim = cfg["embed_dim"]
+        stem = TextStem(vocab_size, dim, channels_first=True)
+        wide = [max(w, dim) for w in widths]
+        return stem, ConvEncoder(dim, wide, depth, dims=1, downsample=False, pool="max")
     stem = AudioStem(sample_rate, cfg["n_mels"])
     return stem, ConvEncoder(1, widths, depth, dims=2)

@@ -22,14 +22,18 @@ _BUILDERS: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {}
 # name -> check(cfg) -> list of problems, for constraints a type check cannot see
 _CHECKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
+# name -> the peak learning rate the family trains best at (measured; `featx train --lr` wins)
+_LRS: dict[str, float] = {}
 
 
 def register_model(
     name: str,
     presets: dict[str, dict[str, Any]],
     check: Callable[[dict[str, Any]], list[str]] | None = None,
+    lr: float = 2e-3,
 ) -> Callable:
-    """Register a builder `(modality, cfg, *, vocab_size, sample_rate) -> (stem, encoder)`."""
+    """Register a builder `(modality, cfg, *, vocab_size, sample_rate) -> (stem, encoder)`
+    with its presets, a check of constraints across fields, and its default learning rate."""
     fields = {tuple(sorted(p)) for p in presets.values()}
     assert len(fields) == 1, f"presets of {name!r} must all have the same fields"
     assert "dropout" in next(iter(presets.values())), "every preset sets the head dropout"
@@ -39,9 +43,17 @@ def register_model(
         _BUILDERS[name] = builder
         _CHECKS[name] = check or (lambda cfg: [])
         PRESETS[name] = presets
+        _LRS[name] = lr
         return builder
 
     return wrap
+
+
+def default_lr(name: str) -> float:
+    """The peak AdamW learning rate family `name` trains with unless told otherwise."""
+    if name not in _LRS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return _LRS[name]
 
 
 def list_models(pattern: str = "*") -> list[str]:
