@@ -32,10 +32,22 @@ class PipelineConfig(StageConfig):
     modality: Modality | None = Field(None, description="Force a modality; default: detect.")
     model: Literal["cnn", "rnn", "attention"] = Field("cnn", description="Encoder family.")
     preset: str = Field("small", description="Model size preset.")
-    epochs: int = Field(8, ge=1, le=100_000, description="Training epochs.")
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Most training epochs (early stopping ends sooner); default: featx "
+        "train's (enough for 500 steps, at least 20).",
+    )
+    patience: int = Field(
+        5, ge=0, description="Early stopping: epochs without a better val loss (0: off)."
+    )
     workers: int = Field(2, ge=1, le=1024, description="Training workers (DDP ranks).")
-    batch_size: int = Field(32, ge=1, description="Per-worker training batch size.")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Per-worker training batch size; default: featx train's."
+    )
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; default: the family's.")
+    flip: bool = Field(False, description="Images: mirror left-right when augmenting.")
     gpu: bool = Field(False, description="GPU workers and actors.")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of samples for validation.")
     shard_samples: int = Field(64, ge=1, description="Most samples per shard.")
@@ -86,8 +98,10 @@ class PipelineConfig(StageConfig):
             workers=self.workers,
             gpu=self.gpu,
             epochs=self.epochs,
+            patience=self.patience,
             batch_size=self.batch_size,
             lr=self.lr,
+            flip=self.flip,
             ray_address=self.ray_address,
         )
 
@@ -145,6 +159,8 @@ def summarise(
 
 
 def report_markdown(s: dict) -> str:
+    from featx.probe import headline
+
     ing, tr, ex, pr = s["ingest"], s["train"], s["extract"], s["probe"]
     rejects = ", ".join(f"{k}: {v}" for k, v in ing["rejected"].items()) or "none"
     lines = [
@@ -157,8 +173,7 @@ def report_markdown(s: dict) -> str:
         f"| train | {tr['epochs']} epochs; best val loss {_f(tr['best_val_loss'])}, "
         f"val accuracy {_f(tr['best_val_accuracy'])} |",
         f"| extract | {ex['total_rows']} rows of {ex['feature_dim']} floats in `{s['features']}` |",
-        f"| probe | accuracy {_f(pr['accuracy'])} vs random-init baseline "
-        f"{_f(pr['baseline_accuracy'])} |",
+        f"| probe | {headline(pr)} |",
         "",
         f"- Training curves: `{s['curves']}`",
         f"- Features (Parquet): `{s['features']}`",

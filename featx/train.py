@@ -49,13 +49,47 @@ class TrainConfig(StageConfig):
     cpus_per_worker: float | None = Field(
         None, gt=0, description="CPUs reserved per worker; default leaves one CPU to Ray Data."
     )
-    epochs: int = Field(5, ge=1, le=100_000)
-    batch_size: int = Field(32, ge=1, description="Per-worker batch size.")
-    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Most epochs to train (in total, across resumes); early stopping usually "
+        "ends the run sooner. Default: enough for 500 optimizer steps, at least 20.",
+    )
+    patience: int = Field(
+        5,
+        ge=0,
+        description="Stop once validation loss has not improved for this many epochs (the "
+        "best checkpoint is kept); 0 trains every epoch.",
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Per-worker batch size. Default: 32, smaller for small datasets (down to "
+        "8) so an epoch has 32 steps.",
+    )
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Peak AdamW learning rate; default: the family's (cnn 2e-3, rnn 5e-3, "
+        "attention 2e-3).",
+    )
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    augment: bool = Field(True, description="Light training augmentation.")
+    label_smoothing: float = Field(
+        0.1, ge=0, lt=1, description="Cross-entropy label smoothing of the training loss."
+    )
+    augment: bool = Field(
+        True,
+        description="Training augmentation: images shifted, audio shifted with noise, text "
+        "with token dropout.",
+    )
+    flip: bool = Field(
+        False,
+        description="Images: also mirror left-right when augmenting. Right for photos; wrong "
+        "where a mirror changes the meaning (digits, letters, text in images).",
+    )
     seed: int = Field(0)
     keep: int = Field(3, ge=1, description="Checkpoints kept, best by validation loss.")
     max_failures: int = Field(1, ge=-1, description="Worker failures survived (-1: any).")
@@ -91,8 +125,23 @@ class TrainConfig(StageConfig):
         if problems:
             raise ConfigError(problems)
 
+    def resolve(self, card: dict) -> TrainConfig:
+        """The config with every default that depends on the family or the data filled in."""
+        from featx.models import default_lr
+        from featx.recipe import auto_batch_size, auto_epochs
+
+        n_train = card["counts"]["train"]["total"]
+        batch = self.batch_size or auto_batch_size(n_train, self.workers)
+        return self.model_copy(
+            update={
+                "batch_size": batch,
+                "epochs": self.epochs or auto_epochs(n_train, self.workers, batch),
+                "lr": self.lr if self.lr is not None else default_lr(self.model),
+            }
+        )
+
     def run_fingerprint(self) -> dict:
-        """What a resumed run must share with the run it resumes."""
+        """What a resumed run must share with the run it resumes (of a resolved config)."""
         return self.model_dump(
             mode="json", include={"model", "preset", "batch_size", "lr", "seed", "workers"}
         )
@@ -119,6 +168,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train `cfg.model` on `cfg.dataset` with Ray Train; returns the best model directory."""
     t0 = time.perf_counter()
     cfg.check_paths()
+    cfg = cfg.resolve(load_card(cfg.dataset))
     if not is_uri(cfg.out):
         return _train(cfg, cfg.out.resolve(), None, t0)
     # An object store: Ray Train writes checkpoints there directly (from any node); the driver
@@ -149,7 +199,7 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
                 ]
             )
         last = _latest_state(out)
-        if last and last.get("epoch", 0) >= cfg.epochs:
+        if last and _finished(last, cfg):
             _publish(out)  # the driver may have died between the last checkpoint and here
             return _result(out, cfg, t0, up_to_date=True)
 
@@ -199,10 +249,13 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
+        "patience": cfg.patience,
         "weight_decay": cfg.weight_decay,
         "warmup": cfg.warmup,
         "grad_clip": cfg.grad_clip,
+        "label_smoothing": cfg.label_smoothing,
         "augment": cfg.augment,
+        "flip": cfg.flip,
         "seed": cfg.seed,
         "max_tokens": cfg.max_tokens,
         "loader": cfg.loader,
@@ -260,6 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
     from featx.batching import make_collate
     from featx.checkpoint import save_model_dir
     from featx.models import create_model
+    from featx.recipe import best_epoch, build_optimizer, should_stop, warmup_cosine
 
     torch.set_num_threads(config["threads"])
     _quiet_report_lines()
@@ -288,28 +342,13 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     use_cuda = device.type == "cuda"
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config["weight_decay"]},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config["lr"],
-    )
+    optimizer = build_optimizer(model, config["lr"], config["weight_decay"])
     n_train = card["counts"]["train"]["total"]
     steps_per_epoch = max(1, math.ceil(n_train / world / config["batch_size"]))
     total_steps = steps_per_epoch * config["epochs"]
-    warmup = max(1, int(config["warmup"] * total_steps))
-
-    def lr_at(step: int) -> float:  # linear warm-up, then cosine decay to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, config["warmup"])
+    )
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -366,11 +405,14 @@ def train_loop_per_worker(config: dict) -> None:
             return to_device(_prefetch(_collated(samples, collate, batch_size)))
 
     for epoch in range(start_epoch, config["epochs"]):
+        if should_stop(history, config["patience"]):  # restored from a checkpoint that stopped
+            break
         collate = make_collate(
             modality,
             tokenizer_path=tokenizer,
             max_tokens=config["max_tokens"],
             augment=config["augment"],
+            flip=config["flip"],
             seed=config["seed"] + 1000 * epoch + rank,
         )
         ddp.train()
@@ -390,7 +432,9 @@ def train_loop_per_worker(config: dict) -> None:
             x, lengths, labels, keys = batch if real else last or _dummy_batch(card, device)
             with autocast:
                 logits = ddp(x, lengths)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(
+                logits.float(), labels, label_smoothing=config["label_smoothing"]
+            )
             optimizer.zero_grad(set_to_none=True)
             (loss if real else loss * 0.0).backward()
             torch.nn.utils.clip_grad_norm_(ddp.parameters(), config["grad_clip"])
@@ -404,7 +448,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if config["key_dir"]:
                     keys_seen += keys
         seconds = time.perf_counter() - t_epoch
-        totals = torch.tensor([loss_sum, correct, seen, seen / max(seconds, 1e-9)])
+        # on the model's device: NCCL reduces only CUDA tensors
+        totals = torch.tensor([loss_sum, correct, seen, seen / max(seconds, 1e-9)], device=device)
         rank_nodes = [node_id]
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
@@ -462,6 +507,16 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+        # Rank 0 alone holds the validation history; every rank must stop at the same epoch.
+        stop = torch.tensor([int(rank == 0 and should_stop(history, config["patience"]))])
+        stop = stop.to(device)
+        if world > 1 and dist.is_initialized():
+            dist.broadcast(stop, 0)
+        if stop.item():
+            if rank == 0:
+                best = best_epoch(history)
+                log.info("early stop: val loss last improved in epoch %d of %d", best, epoch + 1)
+            break
 
 
 def _quiet_report_lines() -> None:
@@ -805,6 +860,14 @@ def latest_epoch(run_dir) -> int:
     Cheap enough to poll: it reads only the checkpoints' featx.json."""
     metas = storage.glob(storage.join(run_dir, RAY_RUN), "checkpoint_*/featx.json")
     return max((json.loads(storage.read_text(m))["epoch"] for m in metas), default=0)
+
+
+def _finished(meta: dict, cfg: TrainConfig) -> bool:
+    """A checkpoint at the last epoch, or one after which early stopping ends the run."""
+    from featx.recipe import should_stop
+
+    history = meta["metrics"]["history"]
+    return meta.get("epoch", 0) >= cfg.epochs or should_stop(history, cfg.patience)
 
 
 def _latest_state(out: Path) -> dict | None:

@@ -47,14 +47,19 @@ def ingest_task(config: IngestConfig) -> dict:
 
 @task(name="train", retries=1, retry_delay_seconds=5, persist_result=True)
 def train_task(config) -> dict:
+    from featx.ingest import load_card
     from featx.train import train
 
-    watcher = _EpochWatcher(config.out, config.epochs)
+    # the most epochs the run may take (early stopping may end it sooner, then the bar jumps)
+    epochs = config.resolve(load_card(config.dataset)).epochs
+    watcher = _EpochWatcher(config.out, epochs)
     watcher.start()
     try:
-        return train(config).to_dict()
+        result = train(config).to_dict()
     finally:
         watcher.stop()
+    watcher.complete()
+    return result
 
 
 @task(name="extract", retries=2, retry_delay_seconds=5, persist_result=True)
@@ -91,6 +96,10 @@ class _EpochWatcher:
         self._stop.set()
         self._thread.join(timeout=5)
         self._update()
+
+    def complete(self) -> None:
+        """The run finished, perhaps stopped early before its most epochs."""
+        update_progress_artifact(self.bar, progress=100.0)
 
     def _loop(self) -> None:
         while not self._stop.wait(2.0):

@@ -139,7 +139,7 @@ def test_custom_run_form_shows_pipeline_config(page, prefect_server, featx_serve
     values = page.locator("main input, main textarea").evaluate_all("els => els.map(e => e.value)")
     assert str(featx_served.src.resolve()) in values, values
     defaults = PipelineConfig.model_fields
-    for name in ("preset", "epochs", "workers", "batch_size", "lr", "shard_samples"):
+    for name in ("preset", "workers", "patience", "shard_samples"):
         assert str(defaults[name].default) in values, (name, values)
     _snap(page, shots, "3-custom-run-form")
 

@@ -112,7 +112,7 @@ def test_bad_train_config_stops_before_work(tmp_path, shards):
 @pytest.mark.slow
 def test_two_workers_cover_the_split_learn_and_checkpoint(tmp_path, shards):
     run = tmp_path / "run"
-    opts = "--workers 2 --epochs 5 --batch-size 16".split()
+    opts = "--workers 2 --epochs 5 --batch-size 16 --patience 0".split()
     r = run_cli("train", shards, "--out", run, *opts, "--log-keys", "--keep", 2)
     assert r.returncode == 0, r.stderr[-3000:]
     expected = train_keys(shards)
@@ -235,7 +235,7 @@ def _wait_for(predicate, timeout: float, what: str):
 @pytest.mark.slow
 def test_a_killed_worker_is_survived(tmp_path, shards):
     run = tmp_path / "run"
-    opts = "--workers 2 --epochs 5 --batch-size 4 --max-failures 2".split()
+    opts = "--workers 2 --epochs 5 --batch-size 4 --max-failures 2 --patience 0".split()
     proc = subprocess.Popen(
         [*FEATX, "train", str(shards), "--out", str(run), *opts],
         stdout=subprocess.PIPE,
@@ -272,7 +272,7 @@ def test_rerun_after_the_driver_died_resumes(tmp_path, shards):
         str(run),
         # Epochs here take well under a second, and Ray Train registers checkpoints in its
         # controller's polls: with 4 epochs a run sometimes finished before the kill landed.
-        *"--workers 2 --epochs 10 --batch-size 4".split(),
+        *"--workers 2 --epochs 10 --batch-size 4 --patience 0".split(),
     ]
     proc = subprocess.Popen(
         [*FEATX, *args],
