@@ -19,8 +19,14 @@ from PIL import Image, ImageDraw
 
 SEED = 20240611
 IMAGE_CLASSES = ("circles", "squares", "triangles", "stripes")
-TEXT_CLASSES = ("sports", "cooking", "weather", "space")
-AUDIO_CLASSES = ("low_tone", "high_tone", "chirp_up", "noise_burst")
+# Reviews: the topic (cooking or sports) and whether the writer liked it. The verdict is one
+# shared word of praise or scorn, negated half the time ("not at all good"), so the words alone
+# do not tell liked from disliked: their order does.
+TEXT_TOPICS = ("cooking", "sports")
+TEXT_CLASSES = tuple(f"{t}_{v}" for t in TEXT_TOPICS for v in ("liked", "disliked"))
+# Two pairs whose members have the same spectrum over time, so band statistics cannot tell
+# them apart: only the order in time can (as for spoken words).
+AUDIO_CLASSES = ("chirp_up", "chirp_down", "long_beep", "triple_beep")
 
 # Shapes are drawn at this multiple of the output size and downsampled, which antialiases edges
 # the way a camera would instead of leaving pixel-exact staircases a model could key on.
@@ -295,6 +301,13 @@ FILLER_SENTENCES = [
     "Not bad at all.", "I wrote it down so I would not forget.",
 ]
 TAILS = ["nobody saw it coming", "just as planned", "again", "for the first time this year"]
+PRAISE = ["good", "great", "wonderful", "excellent", "lovely", "brilliant", "fun", "superb"]
+SCORN = ["bad", "awful", "terrible", "dull", "poor", "boring", "dreadful", "weak"]
+NEGATORS = ["not", "not at all", "never", "hardly", "in no way", "not really", "far from"]
+VERDICTS = [
+    "{opener}, it was {v}.", "Honestly, the whole thing was {v}.", "I found it {v}.",
+    "The result was {v}, to be fair.", "All in all it felt {v}.", "My verdict: {v}.",
+]
 # fmt: on
 
 
@@ -305,7 +318,7 @@ def pick(rng: np.random.Generator, items: list[str]) -> str:
 def slot(rng: np.random.Generator, cls: str, name: str) -> str:
     # Occasionally borrow from another class, so single words are strong but not perfect cues.
     if rng.random() < 0.1:
-        cls = pick(rng, [c for c in TEXT_CLASSES if c != cls])
+        cls = pick(rng, [c for c in TEXT_VOCAB if c != cls])
     return pick(rng, TEXT_VOCAB[cls][name])
 
 
@@ -331,19 +344,26 @@ def make_sentence(rng: np.random.Generator, cls: str) -> str:
     return f"{capitalise(subj)} {verb} {obj}."
 
 
+def verdict(rng: np.random.Generator, liked: bool) -> str:
+    """One sentence of praise or scorn; negated half the time, which flips it."""
+    negated = rng.random() < 0.5
+    word = pick(rng, PRAISE if liked != negated else SCORN)
+    v = f"{pick(rng, NEGATORS)} {word}" if negated else word
+    return pick(rng, VERDICTS).format(opener=pick(rng, OPENERS), v=v)
+
+
 def make_document(rng: np.random.Generator, cls: str) -> str:
-    """1-3 sentences, 10-40 words, at least one sentence carrying the class vocabulary."""
+    """1-2 sentences on the topic and one verdict, 10-40 words."""
+    topic, _, feeling = cls.partition("_")
     while True:
-        n = int(rng.integers(1, 4))
-        sentences = [make_sentence(rng, cls) for _ in range(n)]
-        if n > 1 and rng.random() < 0.4:
-            sentences[int(rng.integers(1, n))] = pick(rng, FILLER_SENTENCES)
+        sentences = [make_sentence(rng, topic) for _ in range(int(rng.integers(1, 3)))]
+        sentences.insert(int(rng.integers(0, len(sentences) + 1)), verdict(rng, feeling == "liked"))
         text = " ".join(sentences)
         if 10 <= len(text.split()) <= 40:
             return text
 
 
-def make_texts(out: Path, per_class: int = 75) -> str:
+def make_texts(out: Path, per_class: int = 150) -> str:
     """Write out/text/<class>/*.txt; return a one-line summary."""
     root = out / "text"
     reset_dir(root)
@@ -396,41 +416,54 @@ def tone(
     return sum(a * np.sin(k * phase) for k, a in enumerate(harmonics, start=1))
 
 
-def low_tone(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    return tone(rng, n, sr, jitter(rng, 300), [1.0, rng.uniform(0.2, 0.5), rng.uniform(0.05, 0.2)])
+def base_pitch(rng: np.random.Generator) -> float:
+    """Each clip's own register, anywhere over two octaves (350-1400 Hz)."""
+    return 700.0 * 2 ** rng.uniform(-1, 1)
 
 
-def high_tone(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    return tone(rng, n, sr, jitter(rng, 2000), [1.0, rng.uniform(0.0, 0.15)])
-
-
-def chirp_up(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    f_start, f_end = jitter(rng, 400), jitter(rng, 3000)
-    freq = f_start * (f_end / f_start) ** np.linspace(0, 1, n)  # exponential sweep
+def sweep(rng: np.random.Generator, n: int, sr: int, up: bool) -> np.ndarray:
+    """An exponential sweep over a random 1.5-2 octaves from the clip's register."""
+    f0 = base_pitch(rng)
+    f1 = f0 * 2 ** rng.uniform(1.5, 2.0)
+    ramp = np.linspace(0, 1, n) if up else np.linspace(1, 0, n)
+    freq = f0 * (f1 / f0) ** ramp
     return np.sin(2 * math.pi * np.cumsum(freq) / sr)
 
 
-def noise_burst(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    """2-4 short bursts of band-passed noise; short, because noise costs the most FLAC bytes."""
-    lo = jitter(rng, 800, 0.5)
-    hi = lo * rng.uniform(2, 4)
-    spec = np.fft.rfft(rng.normal(size=n))
-    freqs = np.fft.rfftfreq(n, 1 / sr)
-    noise = np.fft.irfft(spec * ((freqs >= lo) & (freqs <= hi)), n)
-    noise /= np.abs(noise).max() + 1e-12
+def chirp_up(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
+    return sweep(rng, n, sr, up=True)
+
+
+def chirp_down(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
+    return sweep(rng, n, sr, up=False)
+
+
+def beeps(rng: np.random.Generator, n: int, sr: int, count: int) -> np.ndarray:
+    """`count` equal beeps of one harmonic tone filling 60% of the clip: one beep or three
+    have the same share of time at each pitch."""
+    signal = tone(rng, n, sr, base_pitch(rng) * 1.7, [1.0, rng.uniform(0.1, 0.4)])
     gate = np.zeros(n)
-    for _ in range(int(rng.integers(2, 5))):
-        length = int(rng.uniform(0.03, 0.1) * sr)
-        start = int(rng.integers(0, max(n - length, 1)))
-        gate[start : start + length] = np.hanning(length)[: n - start]
-    return noise * gate
+    on = int(0.6 * n / count)
+    gap = (n - count * on) // (count + 1)
+    for k in range(count):
+        start = gap + k * (on + gap)
+        gate[start : start + on] = envelope(rng, on, sr)
+    return signal * gate
+
+
+def long_beep(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
+    return beeps(rng, n, sr, 1)
+
+
+def triple_beep(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
+    return beeps(rng, n, sr, 3)
 
 
 AUDIO_MAKERS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
-    "low_tone": low_tone,
-    "high_tone": high_tone,
     "chirp_up": chirp_up,
-    "noise_burst": noise_burst,
+    "chirp_down": chirp_down,
+    "long_beep": long_beep,
+    "triple_beep": triple_beep,
 }
 
 
@@ -441,11 +474,16 @@ def make_clip(rng: np.random.Generator, cls: str, sr: int, channels: int) -> np.
     onset = int(rng.uniform(0, 0.15) * sr)
     length = int(rng.uniform(0.3, duration - onset / sr) * sr)
     signal = AUDIO_MAKERS[cls](rng, length, sr)
-    if cls != "noise_burst":  # bursts are already gated
+    if cls.startswith("chirp"):  # beeps are already gated
         signal = signal * envelope(rng, length, sr)
     signal = rng.uniform(0.2, 0.8) * signal / (np.abs(signal).max() + 1e-12)
     clip = np.zeros(n)
     clip[onset : onset + length] = signal
+    # A hum under the whole clip at a pitch of its own (a fridge, a fan, mains), from faint
+    # to nearly as loud as the sound itself: what the class is not, which a model must ignore.
+    hum_hz = 120.0 * 2 ** rng.uniform(0, 5)
+    hum = np.sin(2 * math.pi * hum_hz * np.arange(n) / sr + rng.uniform(0, 2 * math.pi))
+    clip += rng.uniform(0.05, 0.6) * np.abs(signal).max() * hum
     # Stereo channels differ a little in gain and noise, so a mix-down is not a plain copy.
     gains = rng.uniform(0.8, 1.0, size=channels) if channels > 1 else np.ones(1)
     # Background hiss around -80 dBFS: real recordings are never silent, but noise is the one
