@@ -1,7 +1,7 @@
 """Ingest: raw files into validated, normalised, deduplicated WebDataset shards.
 
-Inputs are processed in sorted order by a process pool (results taken in order), and the
-parent alone writes shards. Finished shards are never rewritten: a re-run or an incremental run
+Inputs are processed in a fixed order (a hash of their source path, so shards mix classes) by
+a process pool (results taken in order), and the parent alone writes shards. Finished shards are never rewritten: a re-run or an incremental run
 ingests only what no finished shard holds, into new shards, so a killed run resumes to the same
 bytes.
 """
@@ -81,6 +81,7 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         _check_compatible(cfg, prior, modality)
 
         pending, rejects = _pending(out, items, rejects, prior)
+        pending.sort(key=_write_order)
         params = N.Params(**{k: getattr(cfg, k) for k in N.Params.__dataclass_fields__})
         extra = {"modality": modality, "classes": classes, "normalisation": cfg.normalisation()}
         writers = {
@@ -272,6 +273,16 @@ def _entry(item: Item, res: N.Normalised) -> dict:
 
 def _finished(out: Path) -> list[dict]:
     return [read_stats(p) for s in SPLITS for p in finished_shards(out, s)]
+
+
+def _write_order(item: Item) -> bytes:
+    """Inputs are decoded and written in the order of a hash of their source path, not in
+    path order: class folders would otherwise become shards of one class each, and a loader
+    that streams shards (with a shuffle buffer much smaller than a shard) would feed training
+    batches of one or two classes. Measured on real digits with 2 workers: the attention
+    family stalled at 0.44 val accuracy on path-ordered shards. The order is the same on every
+    run, so a resumed run still writes exactly the shards an uninterrupted one would."""
+    return hashlib.sha256(item.source.encode("utf-8", "surrogateescape")).digest()
 
 
 def _pending(out: Path, items: list[Item], rejects: list[Reject], prior: list[dict]):
