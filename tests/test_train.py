@@ -163,6 +163,29 @@ def test_two_workers_cover_the_split_learn_and_checkpoint(tmp_path, shards):
 
 
 @pytest.mark.slow
+def test_early_stopping_ends_every_rank_at_the_same_epoch_and_keeps_the_best(tmp_path, shards):
+    run = tmp_path / "run"
+    # a rate high enough that validation loss soon stops improving
+    opts = "--workers 2 --epochs 40 --batch-size 16 --lr 0.02 --patience 2 --keep 1".split()
+    r = run_cli("train", shards, "--out", run, *opts)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "early stop" in r.stderr
+    import pandas as pd
+
+    metrics = pd.read_csv(run / "metrics.csv")
+    epochs = list(metrics["epoch"])
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) < 40
+    best = int(metrics.loc[metrics["val_loss"].idxmin(), "epoch"])
+    assert epochs[-1] - best == 2  # stopped exactly `patience` epochs after the best
+    # best/ is the checkpoint of the lowest validation loss, though Ray kept only one more
+    meta = json.loads((run / "best" / "featx.json").read_text())
+    assert meta["epoch"] == best
+    assert meta["metrics"]["last"]["val_loss"] == pytest.approx(metrics["val_loss"].min())
+    again = run_cli("train", shards, "--out", run, *opts)
+    assert again.returncode == 0 and "up to date" in again.stderr
+
+
+@pytest.mark.slow
 def test_ray_data_loader_covers_the_split(tmp_path, shards):
     run = tmp_path / "run"
     opts = "--workers 2 --epochs 2 --batch-size 16 --loader ray --log-keys".split()

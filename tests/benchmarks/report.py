@@ -65,6 +65,19 @@ def markdown(res: dict) -> str:
             "stop; extract: a fresh process); peak PSS sums the whole process tree (driver, "
             "Ray daemons and workers, pool processes). 2x and 4x: one run each.",
         ]
+    quality = res["stages"].get("quality", {}).get("summary", {}).get("table")
+    if quality:
+        lines += [
+            "",
+            "## Feature quality (real corpora, featx's default settings)",
+            "",
+            "Val accuracy of a standardised logistic-regression probe fitted on the train rows: "
+            "trained features, the same architecture at random init, classic features of the "
+            "same samples, and the majority class. Bold: trained beats both baselines. "
+            "Corpora: `tests/benchmarks/corpora.py`.",
+            "",
+            quality,
+        ]
     bd = res["stages"].get("pipeline", {}).get("summary", {}).get("breakdown")
     if bd:
         lines += pipeline_markdown(bd)

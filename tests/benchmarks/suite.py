@@ -6,7 +6,7 @@ medians over the repeats, computes the ratios, checks the targets, and writes
 tests/benchmarks/results.json and results.md (rewritten, atomically, after every run, so a
 crash keeps what was measured). Data sizes 2x and 4x (cost growth) run in the first repeat.
 
-    python tests/benchmarks/suite.py                 # the full suite, < 15 min on 2 idle cores
+    python tests/benchmarks/suite.py                 # the full suite, ~35 min on 2 idle cores
     python tests/benchmarks/suite.py --quick         # tiny sizes, 1 repeat: checks the harness
     python tests/benchmarks/suite.py --stages ingest,extract --repeats 5
 """
@@ -31,7 +31,7 @@ from report import markdown, num, rate
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-STAGES = ("ingest", "train", "extract", "pipeline")
+STAGES = ("ingest", "train", "extract", "pipeline", "quality")
 
 # Per stage: script, arguments of the first repeat (with the cost-growth sizes) and of the
 # others, repeats, the estimate on 2 idle cores (seconds, whole stage with data generation;
@@ -76,6 +76,14 @@ PLANS = {
             "estimate_s": 230,
             "timeout_s": 1800,
         },
+        "quality": {
+            "script": "bench_quality.py",  # every corpus x family with featx's defaults
+            "first": [],
+            "rest": [],
+            "repeats": 1,
+            "estimate_s": 1500,
+            "timeout_s": 5400,
+        },
     },
     "quick": {
         "ingest": {
@@ -111,6 +119,14 @@ PLANS = {
             "repeats": 1,
             "estimate_s": 55,
             "timeout_s": 500,
+        },
+        "quality": {
+            "script": "bench_quality.py",
+            "first": ["--corpora", "digits", "--models", "cnn", "--epochs", "2"],
+            "rest": ["--corpora", "digits", "--models", "cnn", "--epochs", "2"],
+            "repeats": 1,
+            "estimate_s": 70,
+            "timeout_s": 600,
         },
     },
 }
@@ -526,11 +542,32 @@ def summarise_pipeline(runs: list[dict]) -> dict:
     return {"rows": rows, "growth": [], "breakdown": r}
 
 
+def summarise_quality(runs: list[dict]) -> dict:
+    """One row per corpus x family: trained against the better of random init and classic."""
+    rows = []
+    for r in runs[0]["rows"]:
+        best = max(r["random_init"] or 0.0, r["classic"] or 0.0)
+        rows.append(
+            row(
+                "quality",
+                f"{r['corpus']} ({r['modality']}, {r['samples']} samples), {r['model']}: "
+                f"val probe accuracy with default settings ({r['epochs']} epochs)",
+                f"random {r['random_init']:.3f} / classic {r['classic']:.3f}",
+                f"{r['trained']:.3f}",
+                ratio=r["trained"] / best if best else None,
+                target="> both",
+                met=r["beats_both"],
+            )
+        )
+    return {"rows": rows, "growth": [], "table": runs[0]["table"]}
+
+
 SUMMARISE = {
     "ingest": summarise_ingest,
     "train": summarise_train,
     "extract": summarise_extract,
     "pipeline": summarise_pipeline,
+    "quality": summarise_quality,
 }
 
 
