@@ -1,9 +1,9 @@
 """Ingest: raw files into validated, normalised, deduplicated WebDataset shards.
 
 Inputs are processed in a fixed order (a hash of their source path, so shards mix classes) by
-a process pool (results taken in order), and the parent alone writes shards. Finished shards are never rewritten: a re-run or an incremental run
-ingests only what no finished shard holds, into new shards, so a killed run resumes to the same
-bytes.
+a process pool (results taken in order), and the parent alone writes shards. Finished shards
+are never rewritten: a re-run or an incremental run ingests only what no finished shard holds,
+into new shards, so a killed run resumes to the same bytes.
 """
 
 from __future__ import annotations
