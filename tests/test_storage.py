@@ -172,7 +172,6 @@ def test_pipeline_rerun_elsewhere_redoes_nothing_then_probes(s3, pipeline, tmp_p
         model="rnn",
         epochs=2,
         batch_size=8,
-        lr=2e-3,
         workers=2,
         shard_samples=8,
         val_fraction=0.25,

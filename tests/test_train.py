@@ -180,7 +180,8 @@ def test_early_stopping_ends_every_rank_at_the_same_epoch_and_keeps_the_best(tmp
     # best/ is the checkpoint of the lowest validation loss, though Ray kept only one more
     meta = json.loads((run / "best" / "featx.json").read_text())
     assert meta["epoch"] == best
-    assert meta["metrics"]["last"]["val_loss"] == pytest.approx(metrics["val_loss"].min())
+    # metrics.csv holds 6 significant digits
+    assert meta["metrics"]["last"]["val_loss"] == pytest.approx(metrics["val_loss"].min(), rel=1e-5)
     again = run_cli("train", shards, "--out", run, *opts)
     assert again.returncode == 0 and "up to date" in again.stderr
 
