@@ -89,7 +89,7 @@ def classic_features(
     `card` is its dataset card (read if not given); `progress(done, total)` is called as
     samples are read. Text's tf-idf is fitted on the train split only, then applied to the rest.
     """
-    from featx.ingest import load_card
+    from featx.dataset import load_card
 
     t0 = time.perf_counter()
     card = card or load_card(dataset)
@@ -144,7 +144,7 @@ def _samples(urls) -> Iterator[dict]:
     """Decoded samples of the shards at `urls`, in order, one shard open at a time."""
     import webdataset as wds
 
-    from featx.shards import decode_sample
+    from featx.dataset import decode_sample
 
     for url in urls:
         with storage.open_input(url) as stream:

@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from featx.config import ConfigError
+from featx.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ def init_ray(address: str | None, *, worker_logs: bool = True, prestart: bool = 
     """
     import ray
 
+    from featx import ray_compat
+
     address = address_from(address)
     t0 = time.perf_counter()
     kw: dict = {"logging_level": logging.WARNING, "log_to_driver": worker_logs}
@@ -68,7 +70,7 @@ def init_ray(address: str | None, *, worker_logs: bool = True, prestart: bool = 
         # there rather than into a job runtime_env: with one, Ray would not hand the workers it
         # pre-starts at launch to tasks and actors (extraction's actors take them).
         if not prestart:
-            kw["_system_config"] = {"prestart_worker_first_driver": False}
+            kw |= ray_compat.no_worker_prestart()
         with env_defaults(_WORKER_ENV):
             ray.init(include_dashboard=False, **kw)
     return round(time.perf_counter() - t0, 3)
@@ -97,10 +99,9 @@ def _token_mode_if_token() -> None:
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
     if os.environ.get("RAY_AUTH_TOKEN") or Path(path).is_file():
         os.environ["RAY_AUTH_MODE"] = "token"
-        with contextlib.suppress(Exception):  # Ray caches its config at import: refresh it
-            from ray._raylet import Config
+        from featx import ray_compat
 
-            Config.initialize("")
+        ray_compat.refresh_config()  # Ray caches its config at import
         log.info("a Ray auth token is set up: connecting with token authentication")
 
 

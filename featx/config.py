@@ -12,17 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from featx.errors import ConfigError
 from featx.storage import Location, is_uri
 
 Modality = Literal["image", "text", "audio"]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message lists every problem and how to fix it."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class StageConfig(BaseModel):
@@ -64,41 +57,55 @@ class StageConfig(BaseModel):
 class IngestConfig(StageConfig):
     """Options of `featx ingest`. Normalisation fields are recorded in the dataset card."""
 
-    src: Path = Field(description="Class-folder tree, flat folder, or a .csv/.jsonl manifest.")
-    out: Location = Field(
-        description="Output folder (or object-store URI, e.g. s3://bucket/ds) for shards, "
-        "dataset.json and rejected.jsonl."
+    src: Path = Field(
+        description="Class folders (`SRC/<label>/...`), a flat folder, or a .csv/.jsonl manifest "
+        "(path, label, split[, text])."
     )
-    modality: Modality | None = Field(None, description="Force a modality; default: detect.")
+    out: Location = Field(
+        description="Output folder: `<split>/shard-*.tar`, dataset.json, rejected.jsonl; or an "
+        "object-store URI (s3://bucket/prefix), staged locally and uploaded."
+    )
+    modality: Modality | None = Field(
+        None, description="image, text or audio; default: detect from file contents."
+    )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of samples for val.")
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of samples for test.")
     shard_samples: int = Field(1000, ge=1, description="Most samples per shard.")
     shard_bytes: int = Field(256 * 2**20, ge=1024, description="Most payload bytes per shard.")
-    workers: int = Field(0, ge=0, description="Decode processes; 0 means one per core.")
+    workers: int = Field(0, ge=0, description="Decode processes (0: one per core).")
     # images
-    image_size: int = Field(64, ge=8, le=4096, description="Output side in pixels.")
+    image_size: int = Field(64, ge=8, le=4096, description="Images: output side in pixels.")
     image_resize: Literal["crop", "pad", "stretch"] = Field(
-        "crop", description="crop: shorter side + centre crop; pad: letterbox; stretch."
+        "crop",
+        description="Images: crop (shorter side + centre crop), pad (letterbox) or stretch.",
     )
-    image_format: Literal["jpg", "png"] = Field("jpg", description="Re-encode format.")
-    jpeg_quality: int = Field(90, ge=1, le=100)
+    image_format: Literal["jpg", "png"] = Field("jpg", description="Images: re-encode as.")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="Images: JPEG quality.")
     max_pixels: int = Field(
-        89_478_485, ge=1, description="Decompression-bomb limit (Pillow's default)."
+        89_478_485,
+        ge=1,
+        description="Images: larger ones are rejected as decompression bombs (Pillow's limit).",
     )
     # audio
-    sample_rate: int = Field(16000, ge=1000, le=192000, description="Target sample rate (Hz).")
-    max_seconds: float = Field(10.0, gt=0, description="Longer audio is cut to this length.")
-    min_seconds: float = Field(0.05, ge=0, description="Shorter audio is rejected.")
+    sample_rate: int = Field(
+        16000, ge=1000, le=192000, description="Audio: target sample rate in Hz."
+    )
+    max_seconds: float = Field(10.0, gt=0, description="Audio: longer clips are cut.")
+    min_seconds: float = Field(0.05, ge=0, description="Audio: shorter clips are rejected.")
     # text
-    encoding: str | None = Field(None, description="Decode text with this codec, not UTF-8.")
-    max_chars: int = Field(10_000, ge=1, description="Longer text is cut to this length.")
-    min_chars: int = Field(1, ge=1, description="Shorter text is rejected.")
-    vocab_size: int = Field(2000, ge=64, le=1_000_000, description="Tokenizer vocabulary.")
-    overwrite: bool = Field(False, description="Delete existing output and start again.")
+    encoding: str | None = Field(
+        None, description="Text: decode with this codec instead of UTF-8 (e.g. latin-1)."
+    )
+    max_chars: int = Field(10_000, ge=1, description="Text: longer documents are cut.")
+    min_chars: int = Field(1, ge=1, description="Text: shorter documents are rejected.")
+    vocab_size: int = Field(
+        2000, ge=64, le=1_000_000, description="Text: tokenizer vocabulary size."
+    )
+    overwrite: bool = Field(False, description="Delete existing shards in OUT and start again.")
     ray_address: str | None = Field(
         None,
-        description="Decode on this Ray cluster (default: RAY_ADDRESS if set, else local "
-        "processes); this process reads the inputs and writes the shards.",
+        description="Decode on this Ray cluster; this process reads the inputs and writes the "
+        "shards. Default: RAY_ADDRESS if set, else local processes.",
     )
 
     @classmethod
@@ -160,3 +167,164 @@ class IngestConfig(StageConfig):
                 "shard_bytes",
             },
         )
+
+
+class TrainConfig(StageConfig):
+    """Options of `featx train`."""
+
+    dataset: Location = Field(
+        description="Output folder of `featx ingest`, or its object-store URI (s3://...)."
+    )
+    out: Location = Field(
+        description="RUN_DIR (folder or s3://... URI): checkpoints, best/, metrics.csv, "
+        "curves.png. Running again with the same RUN_DIR resumes."
+    )
+    model: Literal["cnn", "rnn", "attention"] = Field("cnn", description="Encoder family.")
+    preset: str = Field("small", description="Model size: small (laptop) or base.")
+    workers: int = Field(2, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
+    gpu: bool = Field(False, description="One GPU per worker (NCCL, bf16 autocast).")
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs per worker; default splits the CPUs between workers (with --loader "
+        "ray, after leaving one to Ray Data).",
+    )
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Most epochs to train (in total, across resumes); early stopping usually "
+        "ends the run sooner. Default: enough for 500 optimizer steps, at least 20.",
+    )
+    patience: int = Field(
+        5,
+        ge=0,
+        description="Stop once validation loss has not improved for this many epochs (the "
+        "best checkpoint is kept); 0 trains every epoch.",
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Per-worker batch size. Default: 32, smaller for small datasets (down to "
+        "8) so an epoch has 32 steps.",
+    )
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Peak AdamW learning rate (linear warm-up, cosine); default: the family's "
+        "(cnn 2e-3, rnn 5e-3, attention 2e-3).",
+    )
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW weight decay (not on norms, biases and embeddings)."
+    )
+    warmup: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    label_smoothing: float = Field(
+        0.1, ge=0, lt=1, description="Cross-entropy label smoothing of the training loss."
+    )
+    augment: bool = Field(
+        True,
+        description="Training augmentation: images shifted, audio shifted with noise, text "
+        "with token dropout.",
+    )
+    flip: bool = Field(
+        False,
+        description="Images: also mirror left-right when augmenting. Right for photos; wrong "
+        "where a mirror changes the meaning (digits, letters, text in images).",
+    )
+    seed: int = Field(0, description="Random seed.")
+    keep: int = Field(3, ge=1, description="Checkpoints kept, best by validation loss.")
+    max_failures: int = Field(1, ge=-1, description="Worker failures survived (-1: unlimited).")
+    max_tokens: int = Field(256, ge=1, description="Text: most tokens per sample.")
+    loader: Literal["shards", "ray"] = Field(
+        "shards",
+        description="How ranks read shards: 'shards' (each rank streams its share with "
+        "webdataset; faster) or 'ray' (Ray Data streaming split).",
+    )
+    log_keys: bool = Field(
+        False,
+        description="Write the sample keys each rank trained on, per epoch, to RUN_DIR/keys/ "
+        "(audits data coverage).",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster address; default: RAY_ADDRESS, else start a local Ray."
+    )
+    overwrite: bool = Field(False, description="Start RUN_DIR afresh instead of resuming.")
+
+    def check_paths(self) -> None:
+        from featx.dataset import load_card
+        from featx.models import PRESETS
+
+        problems = []
+        try:
+            card = load_card(self.dataset)
+        except FileNotFoundError as e:
+            raise ConfigError([f"dataset: {e}"]) from None
+        if len(card["classes"]) < 2:
+            problems.append(
+                f"dataset: {self.dataset} has {len(card['classes'])} classes; training needs "
+                "labelled data with at least 2 (class folders or a manifest `label` column)"
+            )
+        if card["counts"].get("train", {}).get("total", 0) == 0:
+            problems.append(f"dataset: {self.dataset} has no train samples")
+        if self.preset not in PRESETS[self.model]:
+            problems.append(f"preset: {self.preset!r} unknown; known: {list(PRESETS[self.model])}")
+        if not is_uri(self.out) and self.out.exists() and not self.out.is_dir():
+            problems.append(f"out: {self.out} exists and is not a folder")
+        if problems:
+            raise ConfigError(problems)
+
+    def resolve(self, card: dict) -> TrainConfig:
+        """The config with every default that depends on the family or the data filled in."""
+        from featx.models import default_lr
+        from featx.recipe import auto_batch_size, auto_epochs
+
+        n_train = card["counts"]["train"]["total"]
+        batch = self.batch_size or auto_batch_size(n_train, self.workers)
+        return self.model_copy(
+            update={
+                "batch_size": batch,
+                "epochs": self.epochs or auto_epochs(n_train, self.workers, batch),
+                "lr": self.lr if self.lr is not None else default_lr(self.model),
+            }
+        )
+
+    def run_fingerprint(self) -> dict:
+        """What a resumed run must share with the run it resumes (of a resolved config)."""
+        return self.model_dump(
+            mode="json", include={"model", "preset", "batch_size", "lr", "seed", "workers"}
+        )
+
+
+class ExtractConfig(StageConfig):
+    """Options of `featx extract`."""
+
+    dataset: Location = Field(
+        description="Dataset folder written by `featx ingest` (holds dataset.json and shards), "
+        "or its object-store URI."
+    )
+    checkpoint: Location = Field(
+        description="Model directory (featx.json + model.pt), or a training RUN_DIR: its best/ "
+        "is used. Folder or URI."
+    )
+    out: Location = Field(
+        description="FEATURES_DIR: `<split>/part-NNNNNN.parquet`, one per input shard, and "
+        "`_featx_features.json`; a folder or an object-store URI."
+    )
+    batch_size: int = Field(64, ge=1, le=65536, description="Samples per forward pass.")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Model actors. Each loads the model once; together they get every CPU but "
+        "the half CPU kept for reading shards. Default: 1 with --gpu; on CPUs 2 (one decodes "
+        "while another runs the model), about one per 4 CPUs on larger machines.",
+    )
+    gpu: bool = Field(False, description="One GPU per actor (the Ray cluster needs GPUs).")
+    ray_address: str | None = Field(
+        None, description="Ray cluster address; default: RAY_ADDRESS, else a local Ray."
+    )
+    overwrite: bool = Field(
+        False, description="Delete the features in OUT first (needed to switch checkpoints)."
+    )
+    # The checks that need the file system are extract's preflight, run once as it starts.

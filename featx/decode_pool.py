@@ -23,6 +23,7 @@ from itertools import islice
 from pathlib import Path
 
 from featx import normalize as N
+from featx.dataset import reasons as R
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def _isolated(pairs: list[tuple], run: _Run) -> Iterator:
                 )
             log.warning("%s killed its worker process twice; rejected", arg[2])
             yield N.Rejected(
-                N.CRASHED,
+                R.CRASHED,
                 "the worker process decoding it died twice (a crash in a decoder library,"
                 " or killed for memory)",
             )

@@ -19,11 +19,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
 
 from featx import __version__, storage
 from featx.checkpoint import META_FILE, MODEL_FILE, load_meta, resolve_model_dir
-from featx.config import ConfigError, StageConfig
+from featx.config import ExtractConfig
+from featx.dataset import CARD, SPLITS, finished_shards, load_card, read_stats
+from featx.errors import ConfigError
 from featx.features import (
     BASELINE_DIR,
     FORMAT,
@@ -36,10 +37,7 @@ from featx.features import (
     write_part,
 )
 from featx.fsutil import exclusive, sha256_file
-from featx.ingest import CARD, load_card
-from featx.shards import finished_shards, read_stats
-from featx.sources import SPLITS
-from featx.storage import Location, is_uri, location
+from featx.storage import is_uri, location
 
 log = logging.getLogger(__name__)
 
@@ -47,32 +45,6 @@ log = logging.getLogger(__name__)
 # and the actor pool is sized to leave exactly this much free, so reads always get scheduled
 # (a pool that takes every CPU hangs with "Cluster resources are not enough to run any task").
 READ_CPUS = 0.5
-
-
-class ExtractConfig(StageConfig):
-    """Options of `featx extract`."""
-
-    dataset: Location = Field(description="Dataset folder (or URI) written by `featx ingest`.")
-    checkpoint: Location = Field(
-        description="Model directory, or a training RUN_DIR (uses best/); folder or URI."
-    )
-    out: Location = Field(
-        description="Features folder or URI: <split>/part-NNNNNN.parquet + manifest."
-    )
-    batch_size: int = Field(64, ge=1, le=65536, description="Samples per forward pass.")
-    workers: int | None = Field(
-        None,
-        ge=1,
-        le=1024,
-        description="Model actors (each loads the model); default: see default_workers().",
-    )
-    gpu: bool = Field(False, description="Run each actor on one GPU.")
-    ray_address: str | None = Field(None, description="Ray cluster; default: RAY_ADDRESS/local.")
-    overwrite: bool = Field(False, description="Delete existing features in OUT first.")
-
-    def check_paths(self) -> None:
-        """Checks that need the file system; run before any work starts."""
-        preflight(self)
 
 
 @dataclass
@@ -394,7 +366,7 @@ class _Embedder:
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch) -> dict:
-        from featx.shards import decode_sample
+        from featx.dataset import decode_sample
 
         rows = batch.to_pylist()
         samples = []

@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from featx import storage
+from featx.dataset import SPLITS
 from featx.fsutil import atomic_write_bytes
-from featx.sources import SPLITS
 
 MANIFEST = "_featx_features.json"
 FORMAT = "featx-features/1"

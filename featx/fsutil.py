@@ -8,6 +8,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from featx.errors import ConfigError
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
@@ -57,8 +59,6 @@ def sha256_file(path: Path, fsync: bool = False) -> str:
 @contextlib.contextmanager
 def exclusive(folder: Path, what: str):
     """Hold `folder/.lock` while writing there; a second writer gets a clear error at once."""
-    from featx.config import ConfigError
-
     try:
         lock = open(Path(folder) / ".lock", "a")  # noqa: SIM115 ("a": taking it must not touch it)
     except OSError as e:

@@ -23,20 +23,28 @@ from pathlib import Path
 
 from featx import __version__
 from featx import normalize as N
-from featx.config import ConfigError, IngestConfig
+from featx.config import IngestConfig
+from featx.dataset import (
+    CARD,
+    FORMAT,
+    REJECTED,
+    SPLITS,
+    TOKENIZER,
+    ShardWriter,
+    finished_shards,
+    payload_ext,
+    read_stats,
+    remove_partials,
+    split_of,
+)
+from featx.dataset import reasons as R
 from featx.decode_pool import decode
+from featx.errors import ConfigError
 from featx.fsutil import atomic_write_text, exclusive, sha256_file
-from featx.normalize import sample_key, split_of  # noqa: F401 (part of this module's API)
-from featx.shards import ShardWriter, finished_shards, read_stats, remove_partials
-from featx.sources import SPLITS, Item, Reject, discover
+from featx.sources import Item, Reject, discover
 from featx.storage import is_uri
 
 log = logging.getLogger(__name__)
-
-CARD = "dataset.json"
-REJECTED = "rejected.jsonl"
-TOKENIZER = "tokenizer.json"
-FORMAT = "featx-shards/1"
 
 
 @dataclass
@@ -54,7 +62,7 @@ class IngestSummary:
 
     @property
     def duplicates(self) -> int:
-        return self.rejected.get(N.DUPLICATE, 0)
+        return self.rejected.get(R.DUPLICATE, 0)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "duplicates": self.duplicates}
@@ -85,7 +93,7 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
             items, {e["source"]: e["sha256"] for st in prior for e in st["entries"]}
         )
         pending.sort(key=lambda it: order[it.source])
-        params = N.Params(**{k: getattr(cfg, k) for k in N.Params.__dataclass_fields__})
+        params = N.Params.of(cfg)
         extra = {"modality": modality, "classes": classes, "normalisation": cfg.normalisation()}
         writers = {
             s: ShardWriter(
@@ -102,7 +110,7 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
             runs = _run(pending, params, sample_layout, cfg, out, nodes)
             for i, (item, res) in enumerate(runs):
                 if isinstance(res, N.Normalised) and res.sha256 in seen:
-                    res = N.Rejected(N.DUPLICATE, f"duplicate of {seen[res.sha256]}", res.sha256)
+                    res = N.Rejected(R.DUPLICATE, f"duplicate of {seen[res.sha256]}", res.sha256)
                 if isinstance(res, N.Rejected):
                     reject = Reject(
                         item.source, res.reason, res.detail, item.size, item.mtime_ns, res.sha256
@@ -183,19 +191,6 @@ def _ingest_to_store(cfg: IngestConfig, progress) -> IngestSummary:
         summary = ingest(cfg.model_copy(update={"out": local, "overwrite": False}), progress)
     summary.out = storage.display(uri)
     return summary
-
-
-def load_card(dataset) -> dict:
-    """The dataset card of an ingested folder or URI, with a fix-it error when there is none."""
-    from featx import storage
-
-    try:
-        return json.loads(storage.read_text(storage.join(dataset, CARD)))
-    except FileNotFoundError:
-        where = storage.display(dataset)
-        raise FileNotFoundError(
-            f"No {CARD} in {where}: did you run `featx ingest SRC {where}`?"
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,11 +322,11 @@ def _pending(out: Path, items: list[Item], rejects: list[Reject], prior: list[di
     if (out / REJECTED).exists():
         for line in (out / REJECTED).read_text().splitlines():
             r = json.loads(line)
-            if r["reason"] not in (N.DUPLICATE, N.CRASHED) and r.get("mtime_ns"):
+            if r["reason"] not in (R.DUPLICATE, R.CRASHED) and r.get("mtime_ns"):
                 cached[(r["source"], r.get("size"), r["mtime_ns"])] = r
     for st in prior:
         for r in st.get("rejects", []):
-            if r["reason"] != N.CRASHED and r.get("mtime_ns"):
+            if r["reason"] != R.CRASHED and r.get("mtime_ns"):
                 cached[(r["source"], r.get("size"), r["mtime_ns"])] = r
     pending = []
     for it in items:
@@ -343,7 +338,7 @@ def _pending(out: Path, items: list[Item], rejects: list[Reject], prior: list[di
                     rejects.append(
                         Reject(
                             it.source,
-                            N.CHANGED,
+                            R.CHANGED,
                             f"already ingested as {e['key']}; run with --overwrite to rebuild",
                             it.size,
                             it.mtime_ns,
@@ -440,17 +435,16 @@ def _card(cfg, modality, layout, classes, stats, by_reason, tokenizer) -> dict:
         "classes": classes,
         "class_names": [index[i] for i in sorted(index)],
         "counts": dict(sorted(counts.items())),
-        "normalisation": {**cfg.normalisation(), "payload": _payload(modality, cfg)},
+        "normalisation": {
+            **cfg.normalisation(),
+            "payload": payload_ext(modality, cfg.image_format),
+        },
         "tokenizer": tokenizer,
         "shards": shards,
         "fingerprint": fingerprint,
         "rejected": {"total": sum(by_reason.values()), "by_reason": by_reason, "file": REJECTED},
         "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _payload(modality: str, cfg: IngestConfig) -> str:
-    return {"image": cfg.image_format, "audio": "flac", "text": "txt"}[modality]
 
 
 def _write_if_changed(path: Path, text: str) -> bool:

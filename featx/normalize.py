@@ -13,7 +13,6 @@ import io
 import json
 import os
 import pickle
-import tarfile
 import tempfile
 import unicodedata
 import warnings
@@ -21,28 +20,31 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Reasons written to rejected.jsonl and counted in the summary; a closed set, so users can group.
-EMPTY = "empty"
-CORRUPT = "corrupt"
-TRUNCATED = "truncated"
-NOT_DECODABLE = "not decodable"
-UNSUPPORTED = "unsupported format"
-BOMB = "decompression bomb"
-NOT_UTF8 = "not UTF-8"
-BINARY_TEXT = "binary text"
-TOO_SHORT = "too short"
-UNREADABLE = "unreadable"
-DUPLICATE = "duplicate"
-SYMLINK_ESCAPE = "symlink escaping SRC"
-BROKEN_SYMLINK = "broken symlink"
-SYMLINK_DIR = "symlinked folder not followed"
-PATH_ESCAPE = "path escaping manifest folder"
-MISSING = "missing"
-BAD_ROW = "bad manifest row"
-OUTSIDE_CLASSES = "outside class folders"
-HIDDEN = "hidden file"
-CHANGED = "changed after ingest"
-CRASHED = "crashed the decoder"  # its process died on it twice; not cached, a re-run tries again
+from featx.dataset.layout import sample_key, split_of
+from featx.dataset.reasons import (  # noqa: F401 (featx.normalize.EMPTY ... stay public)
+    BAD_ROW,
+    BINARY_TEXT,
+    BOMB,
+    BROKEN_SYMLINK,
+    CHANGED,
+    CORRUPT,
+    CRASHED,
+    DUPLICATE,
+    EMPTY,
+    HIDDEN,
+    MISSING,
+    NOT_DECODABLE,
+    NOT_UTF8,
+    OUTSIDE_CLASSES,
+    PATH_ESCAPE,
+    SYMLINK_DIR,
+    SYMLINK_ESCAPE,
+    TOO_SHORT,
+    TRUNCATED,
+    UNREADABLE,
+    UNSUPPORTED,
+)
+from featx.dataset.shards import tar_members
 
 IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 AUDIO_FORMATS = {"WAV", "FLAC", "OGG", "MP3", "WAVEX", "RF64"}
@@ -51,19 +53,30 @@ TEXT_SUFFIXES = {".txt", ".md", ".text", ".markdown"}
 
 @dataclass(frozen=True)
 class Params:
-    """Normalisation parameters (a plain copy of the relevant IngestConfig fields)."""
+    """The IngestConfig fields that decide a sample's bytes, as a plain picklable record for the
+    decoding processes. Made from a config (`of`); the defaults are the config's."""
 
-    image_size: int = 64
-    image_resize: str = "crop"
-    image_format: str = "jpg"
-    jpeg_quality: int = 90
-    max_pixels: int = 89_478_485
-    sample_rate: int = 16000
-    max_seconds: float = 10.0
-    min_seconds: float = 0.05
-    encoding: str | None = None
-    max_chars: int = 10_000
-    min_chars: int = 1
+    image_size: int
+    image_resize: str
+    image_format: str
+    jpeg_quality: int
+    max_pixels: int
+    sample_rate: int
+    max_seconds: float
+    min_seconds: float
+    encoding: str | None
+    max_chars: int
+    min_chars: int
+
+    @classmethod
+    def of(cls, config=None, **changes) -> Params:
+        """`config`'s values (an IngestConfig; default: its defaults), with `changes`."""
+        from featx.config import IngestConfig
+
+        fields = IngestConfig.model_fields
+        names = cls.__dataclass_fields__
+        values = {k: getattr(config, k) if config else fields[k].default for k in names}
+        return cls(**{**values, **changes})
 
 
 @dataclass(frozen=True)
@@ -126,21 +139,6 @@ def process_chunk(raws: list, infos: list, p: Params, layout: Layout) -> tuple[s
     return node, out
 
 
-def sample_key(sha256: str, source: str) -> str:
-    """Stable key from content and relative path; no dots or slashes (WebDataset splits on them)."""
-    return f"{sha256[:20]}_{hashlib.blake2b(source.encode(), digest_size=4).hexdigest()}"
-
-
-def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
-    """Deterministic split from a hash of the key: the same on every run and machine."""
-    u = int(hashlib.sha256(key.encode()).hexdigest()[:15], 16) / 16**15
-    if u < val_fraction:
-        return "val"
-    if u < val_fraction + test_fraction:
-        return "test"
-    return "train"
-
-
 def encode(res: Normalised, source: str, label, split: str | None, layout: Layout) -> Normalised:
     """Give `res` its key and split and build its tar members (payload, json, cls) here, in
     the worker: the one process that writes the shards then only appends bytes."""
@@ -160,21 +158,6 @@ def encode(res: Normalised, source: str, label, split: str | None, layout: Layou
     res.tar = tar_members(res.key, members)
     res.payload = b""  # travels once, inside res.tar
     return res
-
-
-def tar_members(key: str, members: dict[str, bytes]) -> bytes:
-    """One sample's tar members as webdataset's TarWriter lays them out (extensions sorted,
-    fixed owner, mode and time, so the same sample gives the same bytes), with ustar headers
-    from tarfile and each member padded to tar's 512-byte blocks."""
-    out = []
-    for ext in sorted(members):
-        data = members[ext]
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
-        info.uname = info.gname = "featx"
-        out += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data]
-        out.append(tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
-    return b"".join(out)
 
 
 def process_raw(raw: bytes, path: str | None, modality: str, p: Params):

@@ -12,53 +12,51 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
+from pydantic.fields import FieldInfo
 
 from featx import storage
-from featx.config import IngestConfig, Modality, StageConfig
+from featx.config import ExtractConfig, IngestConfig, Modality, StageConfig, TrainConfig
 from featx.storage import Location
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-class PipelineConfig(StageConfig):
-    """Options of the pipeline flow (and of `featx demo` for each sample dataset)."""
+def _field(config: type[StageConfig], name: str, **changes):
+    """A stage config's field (default, constraints, description), with `changes`: the
+    pipeline declares no option of its own stages a second time."""
+    return FieldInfo.merge_field_infos(config.model_fields[name], **changes)
 
-    src: Path = Field(REPO_DATA / "images", description="Raw input: class folders or manifest.")
+
+class PipelineConfig(StageConfig):
+    """Options of the pipeline flow (and of `featx demo` for each sample dataset): the stage
+    options most worth setting, each as its stage declares it (`_field`), and the work folder.
+    """
+
+    src: Path = _field(IngestConfig, "src", default=REPO_DATA / "images")
     workdir: Location = Field(
         Path(".runs/pipeline"),
         description="Stage outputs: shards/, run/, features/, report.md (a folder or an "
         "object-store URI).",
     )
-    modality: Modality | None = Field(None, description="Force a modality; default: detect.")
-    model: Literal["cnn", "rnn", "attention"] = Field("cnn", description="Encoder family.")
-    preset: str = Field("small", description="Model size preset.")
-    epochs: int | None = Field(
-        None,
-        ge=1,
-        le=100_000,
-        description="Most training epochs (early stopping ends sooner); default: featx "
-        "train's (enough for 500 steps, at least 20).",
+    # ingest (a smaller shard and a larger val split than `featx ingest`'s, for small data)
+    modality: Modality | None = _field(IngestConfig, "modality")
+    val_fraction: float = _field(IngestConfig, "val_fraction", default=0.2)
+    shard_samples: int = _field(IngestConfig, "shard_samples", default=64)
+    image_size: int = _field(IngestConfig, "image_size")
+    # train
+    model: Literal["cnn", "rnn", "attention"] = _field(TrainConfig, "model")
+    preset: str = _field(TrainConfig, "preset")
+    epochs: int | None = _field(TrainConfig, "epochs")
+    patience: int = _field(TrainConfig, "patience")
+    workers: int = _field(TrainConfig, "workers")
+    batch_size: int | None = _field(TrainConfig, "batch_size")
+    lr: float | None = _field(TrainConfig, "lr")
+    flip: bool = _field(TrainConfig, "flip")
+    # every stage
+    gpu: bool = _field(
+        TrainConfig, "gpu", description="GPU training workers and extraction actors."
     )
-    patience: int = Field(
-        5, ge=0, description="Early stopping: epochs without a better val loss (0: off)."
-    )
-    workers: int = Field(2, ge=1, le=1024, description="Training workers (DDP ranks).")
-    batch_size: int | None = Field(
-        None, ge=1, description="Per-worker training batch size; default: featx train's."
-    )
-    lr: float | None = Field(None, gt=0, description="Peak learning rate; default: the family's.")
-    flip: bool = Field(False, description="Images: mirror left-right when augmenting.")
-    gpu: bool = Field(False, description="GPU workers and actors.")
-    val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of samples for validation.")
-    shard_samples: int = Field(64, ge=1, description="Most samples per shard.")
-    image_size: int = Field(64, ge=8, le=4096, description="Images: output side in pixels.")
-    ray_address: str | None = Field(None, description="Ray cluster; default RAY_ADDRESS/local.")
-
-    def check_paths(self) -> None:
-        from featx.config import ConfigError
-
-        if not self.src.exists():
-            raise ConfigError([f"src: {self.src} does not exist"])
+    ray_address: str | None = _field(TrainConfig, "ray_address")
 
     @property
     def shards(self):
@@ -77,37 +75,13 @@ class PipelineConfig(StageConfig):
         return storage.join(self.workdir, "report.md")
 
     def ingest_config(self) -> IngestConfig:
-        return IngestConfig.parse(
-            src=self.src,
-            out=self.shards,
-            modality=self.modality,
-            val_fraction=self.val_fraction,
-            shard_samples=self.shard_samples,
-            image_size=self.image_size,
-            ray_address=self.ray_address,
-        )
+        # `workers` are training's; ingest decodes with one process per core
+        return IngestConfig.parse(**self._shared(IngestConfig, skip={"workers"}), out=self.shards)
 
-    def train_config(self):
-        from featx.train import TrainConfig
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.parse(**self._shared(TrainConfig), dataset=self.shards, out=self.run_dir)
 
-        return TrainConfig.parse(
-            dataset=self.shards,
-            out=self.run_dir,
-            model=self.model,
-            preset=self.preset,
-            workers=self.workers,
-            gpu=self.gpu,
-            epochs=self.epochs,
-            patience=self.patience,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            flip=self.flip,
-            ray_address=self.ray_address,
-        )
-
-    def extract_config(self):
-        from featx.extract import ExtractConfig
-
+    def extract_config(self) -> ExtractConfig:
         return ExtractConfig.parse(
             dataset=self.shards,
             checkpoint=self.run_dir,
@@ -115,6 +89,10 @@ class PipelineConfig(StageConfig):
             gpu=self.gpu,
             ray_address=self.ray_address,
         )
+
+    def _shared(self, config: type[StageConfig], skip: set[str] = frozenset()) -> dict:
+        """This config's values of the fields `config` has too."""
+        return {k: v for k, v in self if k in config.model_fields and k not in skip}
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:

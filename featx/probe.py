@@ -240,7 +240,7 @@ def headline(probe: dict) -> str:
 def _source_dataset(manifest: dict, dataset, needs: list[str]):
     """The dataset the features came from (`dataset`, else the manifest's), checked to exist."""
     from featx import storage
-    from featx.ingest import CARD
+    from featx.dataset import CARD
 
     dataset = storage.location(dataset or manifest["dataset"])
     if not storage.exists(storage.join(dataset, CARD)):
@@ -299,7 +299,7 @@ def _random_model(folder: Path, manifest: dict, dataset: Path, seed: int) -> Pat
 
     from featx import storage
     from featx.checkpoint import META_FILE, load_meta, save_model_dir
-    from featx.ingest import load_card
+    from featx.dataset import load_card
     from featx.models import create_model
 
     source = storage.location(manifest["model_dir"])

@@ -13,9 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from featx import normalize as N
-
-SPLITS = ("train", "val", "test")
+from featx.dataset import reasons as R
+from featx.dataset.layout import SPLITS
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def _tree(src: Path) -> tuple[list[Item], list[Reject], str]:
     rejects: list[Reject] = []
 
     def walk_error(e: OSError) -> None:
-        rejects.append(Reject(_rel(e.filename, root), N.UNREADABLE, e.strerror or str(e)))
+        rejects.append(Reject(_rel(e.filename, root), R.UNREADABLE, e.strerror or str(e)))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error, followlinks=False):
         rel_dir = _rel(dirpath, root)
@@ -74,10 +73,10 @@ def _tree(src: Path) -> tuple[list[Item], list[Reject], str]:
             full = os.path.join(dirpath, d)
             rel = _rel(full, root)
             if d.startswith("."):
-                rejects.append(Reject(rel, N.HIDDEN, "hidden folder skipped"))
+                rejects.append(Reject(rel, R.HIDDEN, "hidden folder skipped"))
             elif os.path.islink(full):
                 target = os.path.realpath(full)
-                reason = N.SYMLINK_DIR if _inside(target, root) else N.SYMLINK_ESCAPE
+                reason = R.SYMLINK_DIR if _inside(target, root) else R.SYMLINK_ESCAPE
                 rejects.append(Reject(rel, reason, f"points to {_show(target, root)}"))
             else:
                 keep.append(d)
@@ -86,25 +85,25 @@ def _tree(src: Path) -> tuple[list[Item], list[Reject], str]:
             full = os.path.join(dirpath, name)
             rel = _rel(full, root)
             if name.startswith("."):
-                rejects.append(Reject(rel, N.HIDDEN, "hidden file skipped"))
+                rejects.append(Reject(rel, R.HIDDEN, "hidden file skipped"))
                 continue
             if os.path.islink(full):
                 target = os.path.realpath(full)
                 if not _inside(target, root):
                     rejects.append(
-                        Reject(rel, N.SYMLINK_ESCAPE, f"points to {_show(target, root)}")
+                        Reject(rel, R.SYMLINK_ESCAPE, f"points to {_show(target, root)}")
                     )
                     continue
                 if not os.path.isfile(target):
-                    rejects.append(Reject(rel, N.BROKEN_SYMLINK, "target missing or a loop"))
+                    rejects.append(Reject(rel, R.BROKEN_SYMLINK, "target missing or a loop"))
                     continue
             try:
                 st = os.stat(full)
             except OSError as e:
-                rejects.append(Reject(rel, N.UNREADABLE, e.strerror or str(e)))
+                rejects.append(Reject(rel, R.UNREADABLE, e.strerror or str(e)))
                 continue
             if not _is_regular(st):
-                rejects.append(Reject(rel, N.UNSUPPORTED, "not a regular file"))
+                rejects.append(Reject(rel, R.UNSUPPORTED, "not a regular file"))
                 continue
             label = None
             if layout == "class-folders":
@@ -112,7 +111,7 @@ def _tree(src: Path) -> tuple[list[Item], list[Reject], str]:
                     rejects.append(
                         Reject(
                             rel,
-                            N.OUTSIDE_CLASSES,
+                            R.OUTSIDE_CLASSES,
                             "files must sit in SRC/<label>/",
                             st.st_size,
                             st.st_mtime_ns,
@@ -140,10 +139,10 @@ def _manifest(path: Path) -> tuple[list[Item], list[Reject]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    rejects.append(Reject(f"{path.name}:{i}", N.BAD_ROW, f"invalid JSON: {e.msg}"))
+                    rejects.append(Reject(f"{path.name}:{i}", R.BAD_ROW, f"invalid JSON: {e.msg}"))
                     continue
                 if not isinstance(row, dict):
-                    rejects.append(Reject(f"{path.name}:{i}", N.BAD_ROW, "not a JSON object"))
+                    rejects.append(Reject(f"{path.name}:{i}", R.BAD_ROW, "not a JSON object"))
                     continue
                 rows.append((i, row))
     for line, row in rows:
@@ -151,26 +150,26 @@ def _manifest(path: Path) -> tuple[list[Item], list[Reject]]:
         label = _clean(row.get("label"))
         split = _clean(row.get("split"))
         if split is not None and split not in SPLITS:
-            rejects.append(Reject(where, N.BAD_ROW, f"split {split!r} is not one of {SPLITS}"))
+            rejects.append(Reject(where, R.BAD_ROW, f"split {split!r} is not one of {SPLITS}"))
             continue
         text, rel = row.get("text"), _clean(row.get("path"))
         if rel is None:
             if isinstance(text, str):
                 items.append(Item(where, None, label, split, text, len(text.encode()), 0))
             else:
-                rejects.append(Reject(where, N.BAD_ROW, "needs a 'path' (or 'text' in JSONL)"))
+                rejects.append(Reject(where, R.BAD_ROW, "needs a 'path' (or 'text' in JSONL)"))
             continue
         full = os.path.realpath(os.path.join(base, rel))
         if os.path.isabs(rel) or not _inside(full, base):
-            rejects.append(Reject(rel, N.PATH_ESCAPE, f"{where}: paths must stay under {base}"))
+            rejects.append(Reject(rel, R.PATH_ESCAPE, f"{where}: paths must stay under {base}"))
             continue
         try:
             st = os.stat(full)
         except OSError as e:
-            rejects.append(Reject(rel, N.MISSING, f"{where}: {e.strerror}"))
+            rejects.append(Reject(rel, R.MISSING, f"{where}: {e.strerror}"))
             continue
         if not _is_regular(st):
-            rejects.append(Reject(rel, N.UNSUPPORTED, f"{where}: not a regular file"))
+            rejects.append(Reject(rel, R.UNSUPPORTED, f"{where}: not a regular file"))
             continue
         source = _rel(full, base)
         items.append(Item(source, full, label, split, None, st.st_size, st.st_mtime_ns))

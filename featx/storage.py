@@ -26,6 +26,8 @@ from typing import Annotated
 
 from pydantic import BeforeValidator
 
+from featx.errors import ConfigError
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
 log = logging.getLogger(__name__)
@@ -75,8 +77,6 @@ def filesystem(loc):
         try:
             return pafs.FileSystem.from_uri(loc)
         except ValueError as e:  # pyarrow's ArrowInvalid: an unknown scheme
-            from featx.config import ConfigError
-
             raise ConfigError(
                 [f"{display(loc)}: not a storage URI pyarrow can open ({e})"]
             ) from None

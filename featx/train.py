@@ -16,135 +16,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
-
-from pydantic import Field
 
 from featx import storage
-from featx.config import ConfigError, StageConfig
-from featx.ingest import load_card
-from featx.storage import Location, is_uri, location
+from featx.config import TrainConfig
+from featx.dataset import load_card
+from featx.errors import ConfigError
+from featx.storage import is_uri, location
 
 log = logging.getLogger(__name__)
 
 RAY_RUN = "ray"  # Ray Train's run folder inside RUN_DIR
 STATE_FILE = "train_state.pt"
 KEYS_DIR = "keys"
-
-
-class TrainConfig(StageConfig):
-    """Options of `featx train`."""
-
-    dataset: Location = Field(
-        description="Output folder (or object-store URI) of `featx ingest` (has dataset.json)."
-    )
-    out: Location = Field(
-        description="RUN_DIR (folder or object-store URI): checkpoints, best/, metrics.csv, "
-        "curves.png."
-    )
-    model: Literal["cnn", "rnn", "attention"] = Field("cnn", description="Encoder family.")
-    preset: str = Field("small", description="Model size preset (small, base).")
-    workers: int = Field(2, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
-    gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16 autocast.")
-    cpus_per_worker: float | None = Field(
-        None, gt=0, description="CPUs reserved per worker; default leaves one CPU to Ray Data."
-    )
-    epochs: int | None = Field(
-        None,
-        ge=1,
-        le=100_000,
-        description="Most epochs to train (in total, across resumes); early stopping usually "
-        "ends the run sooner. Default: enough for 500 optimizer steps, at least 20.",
-    )
-    patience: int = Field(
-        5,
-        ge=0,
-        description="Stop once validation loss has not improved for this many epochs (the "
-        "best checkpoint is kept); 0 trains every epoch.",
-    )
-    batch_size: int | None = Field(
-        None,
-        ge=1,
-        description="Per-worker batch size. Default: 32, smaller for small datasets (down to "
-        "8) so an epoch has 32 steps.",
-    )
-    lr: float | None = Field(
-        None,
-        gt=0,
-        description="Peak AdamW learning rate; default: the family's (cnn 2e-3, rnn 5e-3, "
-        "attention 2e-3).",
-    )
-    weight_decay: float = Field(0.01, ge=0)
-    warmup: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
-    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    label_smoothing: float = Field(
-        0.1, ge=0, lt=1, description="Cross-entropy label smoothing of the training loss."
-    )
-    augment: bool = Field(
-        True,
-        description="Training augmentation: images shifted, audio shifted with noise, text "
-        "with token dropout.",
-    )
-    flip: bool = Field(
-        False,
-        description="Images: also mirror left-right when augmenting. Right for photos; wrong "
-        "where a mirror changes the meaning (digits, letters, text in images).",
-    )
-    seed: int = Field(0)
-    keep: int = Field(3, ge=1, description="Checkpoints kept, best by validation loss.")
-    max_failures: int = Field(1, ge=-1, description="Worker failures survived (-1: any).")
-    max_tokens: int = Field(256, ge=1, description="Text: tokens per sample.")
-    loader: Literal["shards", "ray"] = Field(
-        "shards",
-        description="How ranks read the shards: 'shards' (each rank streams its share of the "
-        "samples with webdataset; fastest, measured) or 'ray' (a Ray Data streaming split).",
-    )
-    log_keys: bool = Field(False, description="Write each rank's sample keys per epoch.")
-    ray_address: str | None = Field(None, description="Ray cluster; default RAY_ADDRESS/local.")
-    overwrite: bool = Field(False, description="Start RUN_DIR afresh instead of resuming.")
-
-    def check_paths(self) -> None:
-        problems = []
-        try:
-            card = load_card(self.dataset)
-        except FileNotFoundError as e:
-            raise ConfigError([f"dataset: {e}"]) from None
-        if len(card["classes"]) < 2:
-            problems.append(
-                f"dataset: {self.dataset} has {len(card['classes'])} classes; training needs "
-                "labelled data with at least 2 (class folders or a manifest `label` column)"
-            )
-        if card["counts"].get("train", {}).get("total", 0) == 0:
-            problems.append(f"dataset: {self.dataset} has no train samples")
-        from featx.models import PRESETS
-
-        if self.preset not in PRESETS[self.model]:
-            problems.append(f"preset: {self.preset!r} unknown; known: {list(PRESETS[self.model])}")
-        if not is_uri(self.out) and self.out.exists() and not self.out.is_dir():
-            problems.append(f"out: {self.out} exists and is not a folder")
-        if problems:
-            raise ConfigError(problems)
-
-    def resolve(self, card: dict) -> TrainConfig:
-        """The config with every default that depends on the family or the data filled in."""
-        from featx.models import default_lr
-        from featx.recipe import auto_batch_size, auto_epochs
-
-        n_train = card["counts"]["train"]["total"]
-        batch = self.batch_size or auto_batch_size(n_train, self.workers)
-        return self.model_copy(
-            update={
-                "batch_size": batch,
-                "epochs": self.epochs or auto_epochs(n_train, self.workers, batch),
-                "lr": self.lr if self.lr is not None else default_lr(self.model),
-            }
-        )
-
-    def run_fingerprint(self) -> dict:
-        """What a resumed run must share with the run it resumes (of a resolved config)."""
-        return self.model_dump(
-            mode="json", include={"model", "preset", "batch_size", "lr", "seed", "workers"}
-        )
 
 
 @dataclass
@@ -212,6 +95,7 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
         ScalingConfig,
     )
 
+    from featx import ray_compat
     from featx.cluster import address_from, check_shared, env_defaults, init_ray
 
     if not ray.is_initialized():
@@ -241,30 +125,16 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
     datasets = {}
     if cfg.loader == "ray":
         datasets = {s: _read_split(dataset, card, s, cfg.batch_size) for s in splits}
+    # The workers get the config itself, as JSON, and parse it back: no second list of options.
     loop_config = {
-        "dataset": str(dataset),
+        "config": cfg.model_copy(update={"dataset": dataset}).model_dump(mode="json"),
         "card": card,
-        "model": cfg.model,
-        "preset": cfg.preset,
-        "epochs": cfg.epochs,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "patience": cfg.patience,
-        "weight_decay": cfg.weight_decay,
-        "warmup": cfg.warmup,
-        "grad_clip": cfg.grad_clip,
-        "label_smoothing": cfg.label_smoothing,
-        "augment": cfg.augment,
-        "flip": cfg.flip,
-        "seed": cfg.seed,
-        "max_tokens": cfg.max_tokens,
-        "loader": cfg.loader,
         "splits": splits,
         "threads": max(1, int(cpus)),
         "key_dir": str(storage.join(store or out, KEYS_DIR)) if cfg.log_keys else None,
     }
     local = not address_from(cfg.ray_address)
-    trainer = _trainer_class(datasets=bool(datasets), local=local)(
+    trainer = ray_compat.trainer_class(datasets=bool(datasets), local=local)(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -310,17 +180,19 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import prepare_model
 
+    from featx import ray_compat
     from featx.batching import make_collate
     from featx.checkpoint import save_model_dir
     from featx.models import create_model
     from featx.recipe import best_epoch, build_optimizer, should_stop, warmup_cosine
 
+    cfg = TrainConfig.model_validate(config["config"])
     torch.set_num_threads(config["threads"])
-    _quiet_report_lines()
+    ray_compat.quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     node_id = ray.get_runtime_context().get_node_id()
-    card, dataset = config["card"], location(config["dataset"])
+    card, dataset = config["card"], cfg.dataset
     modality = card["modality"]
     tokenizer = None
     if card.get("tokenizer"):
@@ -330,25 +202,23 @@ def train_loop_per_worker(config: dict) -> None:
         from tokenizers import Tokenizer
 
         vocab = Tokenizer.from_file(tokenizer).get_vocab_size()
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(cfg.seed)
     model = create_model(
-        config["model"],
+        cfg.model,
         modality,
         len(card["classes"]),
-        config["preset"],
+        cfg.preset,
         vocab_size=vocab,
         sample_rate=card["normalisation"].get("sample_rate", 16000),
     )
     device = ray.train.torch.get_device()
     use_cuda = device.type == "cuda"
 
-    optimizer = build_optimizer(model, config["lr"], config["weight_decay"])
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     n_train = card["counts"]["train"]["total"]
-    steps_per_epoch = max(1, math.ceil(n_train / world / config["batch_size"]))
-    total_steps = steps_per_epoch * config["epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, config["warmup"])
-    )
+    steps_per_epoch = max(1, math.ceil(n_train / world / cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -365,7 +235,7 @@ def train_loop_per_worker(config: dict) -> None:
     net = ddp.module if hasattr(ddp, "module") else ddp
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda)
-    batch_size = config["batch_size"]
+    batch_size = cfg.batch_size
 
     def to_device(batches):
         for batch in batches:
@@ -378,7 +248,7 @@ def train_loop_per_worker(config: dict) -> None:
                 batch["keys"],
             )
 
-    if config["loader"] == "ray":
+    if cfg.loader == "ray":
         ray_its = {s: ray.train.get_dataset_shard(s) for s in config["splits"]}
 
         def split_batches(split, collate, shuffle_seed=None, share=(0, 1)):
@@ -404,24 +274,24 @@ def train_loop_per_worker(config: dict) -> None:
             samples = _share_of(shards[split], *share, shuffle_seed, 8 * batch_size)
             return to_device(_prefetch(_collated(samples, collate, batch_size)))
 
-    for epoch in range(start_epoch, config["epochs"]):
-        if should_stop(history, config["patience"]):  # restored from a checkpoint that stopped
+    for epoch in range(start_epoch, cfg.epochs):
+        if should_stop(history, cfg.patience):  # restored from a checkpoint that stopped
             break
         collate = make_collate(
             modality,
             tokenizer_path=tokenizer,
-            max_tokens=config["max_tokens"],
-            augment=config["augment"],
-            flip=config["flip"],
-            seed=config["seed"] + 1000 * epoch + rank,
+            max_tokens=cfg.max_tokens,
+            augment=cfg.augment,
+            flip=cfg.flip,
+            seed=cfg.seed + 1000 * epoch + rank,
         )
         ddp.train()
         t_epoch = time.perf_counter()
         loss_sum = correct = seen = 0.0
         keys_seen: list[str] = []
         last = None
-        epoch_batches = split_batches("train", collate, config["seed"] + epoch, (rank, world))
-        if config["loader"] == "shards":  # shares known up front: no per-step agreement needed
+        epoch_batches = split_batches("train", collate, cfg.seed + epoch, (rank, world))
+        if cfg.loader == "shards":  # shares known up front: no per-step agreement needed
             epoch_batches = _fixed_steps(epoch_batches, steps_per_epoch)
         else:
             epoch_batches = _in_step(epoch_batches, world)
@@ -432,12 +302,10 @@ def train_loop_per_worker(config: dict) -> None:
             x, lengths, labels, keys = batch if real else last or _dummy_batch(card, device)
             with autocast:
                 logits = ddp(x, lengths)
-            loss = F.cross_entropy(
-                logits.float(), labels, label_smoothing=config["label_smoothing"]
-            )
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             (loss if real else loss * 0.0).backward()
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), config["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             if real:
@@ -473,15 +341,13 @@ def train_loop_per_worker(config: dict) -> None:
             )
         if rank == 0:
             if "val" in config["splits"]:
-                plain = make_collate(
-                    modality, tokenizer_path=tokenizer, max_tokens=config["max_tokens"]
-                )
+                plain = make_collate(modality, tokenizer_path=tokenizer, max_tokens=cfg.max_tokens)
                 metrics.update(_evaluate(net, split_batches("val", plain), autocast))
             history.append(metrics)
             log.info(
                 "epoch %d/%d  train_loss %.4f  val_loss %s  val_acc %s  %.0f samples/s",
                 epoch + 1,
-                config["epochs"],
+                cfg.epochs,
                 metrics["train_loss"],
                 _fmt(metrics.get("val_loss")),
                 _fmt(metrics.get("val_accuracy")),
@@ -508,7 +374,7 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics)
         # Rank 0 alone holds the validation history; every rank must stop at the same epoch.
-        stop = torch.tensor([int(rank == 0 and should_stop(history, config["patience"]))])
+        stop = torch.tensor([int(rank == 0 and should_stop(history, cfg.patience))])
         stop = stop.to(device)
         if world > 1 and dist.is_initialized():
             dist.broadcast(stop, 0)
@@ -517,17 +383,6 @@ def train_loop_per_worker(config: dict) -> None:
                 best = best_epoch(history)
                 log.info("early stop: val loss last improved in epoch %d of %d", best, epoch + 1)
             break
-
-
-def _quiet_report_lines() -> None:
-    """Ray Train logs every report() at INFO, one long line per rank per epoch, through a
-    logger named by its file path, which the `ray.train` level set by LoggingConfig misses.
-    featx logs each epoch itself; warnings still come through."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # a Ray that moved it; its lines then stay
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _evaluate(net, batches, autocast) -> dict:
@@ -548,7 +403,7 @@ def _evaluate(net, batches, autocast) -> dict:
 
 
 def _rows(raw: dict) -> list[dict]:
-    from featx.shards import decode_sample
+    from featx.dataset import decode_sample
 
     cols = [c for c in raw if c != "__url__"]
     n = len(raw["__key__"])
@@ -570,7 +425,7 @@ def _share_of(shards: list[tuple[str, int]], rank: int, world: int, seed: int | 
 
     import webdataset as wds
 
-    from featx.shards import decode_sample
+    from featx.dataset import decode_sample
 
     rng = random.Random(seed)
     order = list(shards)
@@ -758,48 +613,6 @@ def _fit_env(local: bool) -> dict[str, str]:
     if local:
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     return env
-
-
-def _trainer_class(*, datasets: bool, local: bool):
-    """TorchTrainer, less the helper actors a run has no use for. Each is a process of its own
-    that imports Ray Train (and often torch), 2-5 s of CPU on a laptop, and Ray Train starts
-    them one after another before the loop runs:
-
-    - the dataset manager, which only serves Ray Datasets: none with `--loader shards`;
-    - on a local Ray, the placement-group cleaner: it watches the controller through Ray's
-      State API, which needs the dashboard featx does not start, and a local Ray's placement
-      groups end with the driver anyway. On a cluster it stays: a killed driver there would
-      leave the workers' CPUs reserved;
-    - on a local Ray, the autoscaling coordinator: the scaling policy asks it, and waits for
-      it, to request the workers' resources from the cluster autoscaler, which a local Ray
-      does not have. On a cluster it stays.
-
-    With a Ray that builds its callbacks or its controller differently the overrides are
-    simply not called.
-    """
-    from ray.train.torch import TorchTrainer
-
-    unused = set()
-    if not datasets:
-        unused.add("DatasetsCallback")
-    if local:
-        unused.add("PlacementGroupCleanerCallback")
-    if not unused:
-        return TorchTrainer
-
-    class FeatxTrainer(TorchTrainer):
-        def _create_default_callbacks(self, *args, **kwargs):
-            callbacks = super()._create_default_callbacks(*args, **kwargs)
-            return [c for c in callbacks if type(c).__name__ not in unused]
-
-        def _initialize_and_run_controller(self, **kwargs):
-            if local and type(kwargs.get("scaling_policy")).__name__ == "FixedScalingPolicy":
-                from featx.ray_local import LocalScalingPolicy
-
-                kwargs["scaling_policy"] = LocalScalingPolicy(self.scaling_config)
-            return super()._initialize_and_run_controller(**kwargs)
-
-    return FeatxTrainer
 
 
 def _read_split(dataset: Path, card: dict, split: str, batch_size: int):

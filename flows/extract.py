@@ -13,7 +13,7 @@ from flows.tasks import class_table_artifact, extract_task, probe_task
 @flow(name="featx-extract", log_prints=True)
 def extract_flow(config: ExtractConfig, run_probe: bool = True) -> dict:
     """Extract features of `config.dataset` with `config.checkpoint` into `config.out`."""
-    from featx.ingest import load_card
+    from featx.dataset import load_card
 
     summary = extract_task(config)
     probe = probe_task(config.out) if run_probe else None

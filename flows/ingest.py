@@ -11,7 +11,7 @@ from flows.tasks import class_table_artifact, ingest_artifacts, ingest_task
 @flow(name="featx-ingest", log_prints=True)
 def ingest_flow(config: IngestConfig) -> dict:
     """Ingest `config.src` into shards at `config.out` (see `featx ingest --help`)."""
-    from featx.ingest import load_card
+    from featx.dataset import load_card
 
     summary = ingest_task(config)
     ingest_artifacts(summary)

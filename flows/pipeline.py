@@ -22,7 +22,7 @@ from flows.tasks import (
 @flow(name="featx-pipeline", log_prints=True)
 def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
     """The whole pipeline on `config.src`; outputs under `config.workdir`."""
-    from featx.ingest import load_card
+    from featx.dataset import load_card
 
     t0 = time.perf_counter()
     ingested = ingest_task(config.ingest_config())

@@ -47,7 +47,7 @@ def ingest_task(config: IngestConfig) -> dict:
 
 @task(name="train", retries=1, retry_delay_seconds=5, persist_result=True)
 def train_task(config) -> dict:
-    from featx.ingest import load_card
+    from featx.dataset import load_card
     from featx.train import train
 
     # the most epochs the run may take (early stopping may end it sooner, then the bar jumps)

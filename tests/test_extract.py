@@ -22,12 +22,11 @@ from conftest import make_image, make_text
 
 from featx.checkpoint import save_model_dir
 from featx.config import ConfigError, IngestConfig
+from featx.dataset import SPLITS, finished_shards, load_card, read_stats
 from featx.extract import ExtractConfig, extract
 from featx.features import MANIFEST, read_features
-from featx.ingest import ingest, load_card
+from featx.ingest import ingest
 from featx.models import create_model
-from featx.shards import finished_shards, read_stats
-from featx.sources import SPLITS
 
 FEATX = [sys.executable, "-m", "featx.cli"]
 META_KEYS = {
@@ -71,7 +70,7 @@ def reference_embeddings(dataset: Path, model_dir: Path) -> dict[str, np.ndarray
     """forward_features in a plain loop: decode_sample + make_collate + load_model."""
     from featx.batching import make_collate
     from featx.checkpoint import load_model
-    from featx.shards import decode_sample
+    from featx.dataset import decode_sample
 
     model, meta = load_model(model_dir)
     tok = model_dir / meta["tokenizer"] if meta.get("tokenizer") else None

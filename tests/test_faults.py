@@ -249,7 +249,7 @@ def test_hostile_inputs_are_rejected_with_reason_or_ingested(modality, tmp_path,
     beside them is ingested, inputs are left as they were, and featx does not crash."""
     import tarfile
 
-    from featx.shards import decode_sample
+    from featx.dataset import decode_sample
 
     build, cli_args, check_args = HOSTILE[modality]
     src, outside, out = tmp_path / "src", tmp_path / "outside", tmp_path / "out"

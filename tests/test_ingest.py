@@ -19,8 +19,8 @@ from PIL import Image
 
 from featx import normalize as N
 from featx.config import ConfigError, IngestConfig
-from featx.ingest import ingest, load_card, sample_key, split_of
-from featx.shards import decode_sample
+from featx.dataset import decode_sample, load_card, sample_key, split_of
+from featx.ingest import ingest
 
 FEATX = [sys.executable, "-m", "featx.cli"]
 
@@ -68,7 +68,7 @@ def test_any_image_mode_becomes_rgb_of_the_requested_size(tmp_path, mode):
         im.save(path, transparency=3)
     else:
         make_image(path, 1, mode=mode)
-    res = N.process(str(path), None, "image", N.Params(image_size=16, image_format="png"))
+    res = N.process(str(path), None, "image", N.Params.of(image_size=16, image_format="png"))
     assert isinstance(res, N.Normalised), res
     out = Image.open(io.BytesIO(res.payload))
     assert (out.mode, out.size) == ("RGB", (16, 16))
@@ -85,7 +85,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     im.save(tmp_path / "x.jpg", exif=exif, quality=95)
-    params = N.Params(image_size=20, image_resize="stretch", image_format="png")
+    params = N.Params.of(image_size=20, image_resize="stretch", image_format="png")
     res = N.process(str(tmp_path / "x.jpg"), None, "image", params)
     arr = np.asarray(Image.open(io.BytesIO(res.payload))).astype(int)
     top, bottom = arr[:5].mean(axis=(0, 1)), arr[-5:].mean(axis=(0, 1))
@@ -103,7 +103,7 @@ def test_resize_modes_keep_aspect_or_stretch(tmp_path):
                         str(tmp_path / "wide.png"),
                         None,
                         "image",
-                        N.Params(image_size=20, image_resize=m, image_format="png"),
+                        N.Params.of(image_size=20, image_resize=m, image_format="png"),
                     ).payload
                 )
             )
@@ -120,13 +120,13 @@ def test_gif_first_frame_and_webp_bmp_tiff(tmp_path):
     for fmt in ("webp", "bmp", "tiff"):
         make_image(tmp_path / f"a.{fmt}", 3)
     for name in ("a.gif", "a.webp", "a.bmp", "a.tiff"):
-        res = N.process(str(tmp_path / name), None, "image", N.Params(image_format="png"))
+        res = N.process(str(tmp_path / name), None, "image", N.Params.of(image_format="png"))
         assert isinstance(res, N.Normalised), (name, res)
     gif = np.asarray(
         Image.open(
             io.BytesIO(
                 N.process(
-                    str(tmp_path / "a.gif"), None, "image", N.Params(image_format="png")
+                    str(tmp_path / "a.gif"), None, "image", N.Params.of(image_format="png")
                 ).payload
             )
         )
@@ -138,7 +138,7 @@ def test_audio_is_mono_resampled_and_capped(tmp_path):
     import soundfile as sf
 
     src = make_audio(tmp_path / "a.wav", 1, seconds=3.0, sr=44100, channels=2)
-    res = N.process(str(src), None, "audio", N.Params(sample_rate=16000, max_seconds=2.0))
+    res = N.process(str(src), None, "audio", N.Params.of(sample_rate=16000, max_seconds=2.0))
     x, sr = sf.read(io.BytesIO(res.payload))
     assert sr == 16000 and x.ndim == 1 and len(x) == 32000
     assert res.original == {"sample_rate": 44100, "channels": 2, "seconds": 3.0, "format": "WAV"}
@@ -154,7 +154,7 @@ def test_resampler_is_anti_aliased(tmp_path):
     t = np.arange(sr) / sr
     tone = 0.5 * np.sin(2 * np.pi * 11000 * t)  # above the 8 kHz Nyquist of the target
     sf.write(tmp_path / "hi.wav", tone.astype(np.float32), sr)
-    res = N.process(str(tmp_path / "hi.wav"), None, "audio", N.Params(sample_rate=16000))
+    res = N.process(str(tmp_path / "hi.wav"), None, "audio", N.Params.of(sample_rate=16000))
     x, _ = sf.read(io.BytesIO(res.payload))
     # naive decimation would fold 11 kHz to a loud 5 kHz alias; a proper resampler removes it
     assert np.sqrt(np.mean(x[1000:-1000] ** 2)) < 0.01
@@ -163,25 +163,25 @@ def test_resampler_is_anti_aliased(tmp_path):
 @pytest.mark.parametrize("fmt", ["FLAC", "OGG", "MP3"])
 def test_audio_formats_decode(tmp_path, fmt):
     path = make_audio(tmp_path / f"a.{fmt.lower()}", 2, seconds=0.5, sr=16000, fmt=fmt)
-    res = N.process(str(path), None, "audio", N.Params())
+    res = N.process(str(path), None, "audio", N.Params.of())
     assert isinstance(res, N.Normalised) and res.original["format"] == fmt
 
 
 def test_text_normalised_bom_stripped_and_capped(tmp_path):
     p = tmp_path / "t.txt"
     p.write_bytes(b"\xef\xbb\xbf  Hello \t\n  world \r\n" + "caf\u0065\u0301".encode())
-    res = N.process(str(p), None, "text", N.Params(max_chars=100))
+    res = N.process(str(p), None, "text", N.Params.of(max_chars=100))
     assert res.payload.decode() == "Hello world caf\u00e9"  # NFC-composed, one space each
-    res = N.process(str(p), None, "text", N.Params(max_chars=5))
+    res = N.process(str(p), None, "text", N.Params.of(max_chars=5))
     assert res.payload.decode() == "Hello" and res.original["truncated"]
 
 
 def test_latin1_text_rejected_unless_encoding_given(tmp_path):
     p = tmp_path / "t.txt"
     p.write_bytes("café crème".encode("latin-1"))
-    res = N.process(str(p), None, "text", N.Params())
+    res = N.process(str(p), None, "text", N.Params.of())
     assert res.reason == N.NOT_UTF8 and "--encoding" in res.detail
-    res = N.process(str(p), None, "text", N.Params(encoding="latin-1"))
+    res = N.process(str(p), None, "text", N.Params.of(encoding="latin-1"))
     assert res.payload.decode() == "café crème"
 
 
@@ -233,7 +233,9 @@ def test_split_is_deterministic_and_near_the_fraction():
     assert abs(splits.count("val") / 4000 - 0.2) < 0.03
     assert abs(splits.count("test") / 4000 - 0.1) < 0.03
     # fixed expectations: the split must not depend on the machine or Python's hash seed
-    code = "from featx.ingest import split_of;print([split_of(f'k{i}', .3, .2) for i in range(50)])"
+    code = (
+        "from featx.dataset import split_of;print([split_of(f'k{i}', .3, .2) for i in range(50)])"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert other.stdout.strip() == str([split_of(f"k{i}", 0.3, 0.2) for i in range(50)])

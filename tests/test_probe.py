@@ -11,12 +11,12 @@ import torch
 from featx.checkpoint import save_model_dir
 from featx.classic import classic_features
 from featx.config import IngestConfig
+from featx.dataset import finished_shards, load_card, read_stats
 from featx.extract import extract
 from featx.features import BASELINE_DIR, make_table, read_features, write_manifest, write_part
-from featx.ingest import ingest, load_card
+from featx.ingest import ingest
 from featx.models import create_model
 from featx.probe import probe
-from featx.shards import finished_shards, read_stats
 
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]])
 SIZE, PATCH = 32, 12

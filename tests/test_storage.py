@@ -23,9 +23,10 @@ from conftest import make_text
 
 from featx import storage
 from featx.config import ConfigError, IngestConfig
+from featx.dataset import load_card
 from featx.extract import ExtractConfig, run_extract
 from featx.features import MANIFEST, read_features
-from featx.ingest import ingest, load_card
+from featx.ingest import ingest
 from featx.pipeline import PipelineConfig, run_pipeline
 from featx.train import RAY_RUN, TrainConfig, latest_epoch, train
 

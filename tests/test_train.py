@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from featx.config import ConfigError
-from featx.ingest import ingest, load_card
+from featx.dataset import load_card
+from featx.ingest import ingest
 from featx.train import TrainConfig, _default_cpus_per_worker
 
 FEATX = [sys.executable, "-m", "featx.cli"]
@@ -206,7 +207,7 @@ def _plain_eval(model, dataset: Path) -> tuple[float, float]:
     import webdataset as wds
 
     from featx.batching import make_collate
-    from featx.shards import decode_sample
+    from featx.dataset import decode_sample
 
     urls = [str(p) for p in sorted((dataset / "val").glob("shard-*.tar"))]
     samples = [decode_sample(s) for s in wds.WebDataset(urls, shardshuffle=False)]

@@ -40,7 +40,8 @@ def make_dataset(root: Path, n: int) -> Path:
 
     from featx.checkpoint import save_model_dir
     from featx.config import IngestConfig
-    from featx.ingest import ingest, load_card
+    from featx.dataset import load_card
+    from featx.ingest import ingest
     from featx.models import create_model
 
     ds = root / f"ds-{n}"
@@ -75,7 +76,7 @@ def run_plain(dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> di
 
     from featx.batching import make_collate
     from featx.checkpoint import load_model
-    from featx.shards import decode_sample, finished_shards
+    from featx.dataset import decode_sample, finished_shards
 
     model, meta = load_model(checkpoint)
     collate = make_collate(meta["modality"])

@@ -33,7 +33,7 @@ def run_one(ds: Path, work: Path, model: str, epochs: int | None) -> dict:
     values = {"dataset": ds, "out": work / f"run-{model}", "model": model}
     if epochs:
         values["epochs"] = epochs
-    from featx.ingest import load_card
+    from featx.dataset import load_card
 
     cfg = TrainConfig.parse(**values)
     cfg.check_paths()

@@ -57,9 +57,8 @@ def plain_loop(dataset: Path, model_name: str, batch: int, epochs: int) -> list[
     import webdataset as wds
 
     from featx.batching import make_collate
-    from featx.ingest import load_card
+    from featx.dataset import decode_sample, load_card
     from featx.models import create_model
-    from featx.shards import decode_sample
 
     torch.set_num_threads(os.cpu_count() or 1)
     card = load_card(dataset)
@@ -285,7 +284,7 @@ def main() -> dict:
 
 
 def _count(dataset: Path) -> int:
-    from featx.ingest import load_card
+    from featx.dataset import load_card
 
     return load_card(dataset)["counts"]["train"]["total"]
 

@@ -47,8 +47,7 @@ def train_flops_per_sample(run_best: Path, shards: Path, batch_size: int, device
 
     from featx.batching import make_collate
     from featx.checkpoint import load_model
-    from featx.ingest import load_card
-    from featx.shards import decode_sample
+    from featx.dataset import decode_sample, load_card
 
     model, meta = load_model(run_best, device=device)
     model.train()

@@ -18,20 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 from featx import storage
+from featx.dataset.layout import PAYLOADS, shard_name, stats_path
 from featx.fsutil import atomic_write_text, fsync_dir, sha256_file
-from featx.storage import is_uri
-
-PAYLOADS = {"jpg": "image", "png": "image", "flac": "audio", "txt": "text"}
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
-def stats_path(tar):
-    if is_uri(tar):
-        return tar[: -len(".tar")] + "_stats.json"
-    return tar.with_name(tar.name[: -len(".tar")] + "_stats.json")
 
 
 def finished_shards(out, split: str) -> list:
@@ -81,7 +69,7 @@ class ShardWriter:
         self._rejects: list[dict] = []
 
     def write(self, members: bytes, entry: dict) -> None:
-        """Append one sample: its tar members, as `normalize.tar_members` built them."""
+        """Append one sample: its tar members, as `tar_members` built them."""
         size = len(members)
         if self._file is not None and (
             len(self._entries) >= self.max_samples or self._bytes + size > self.max_bytes
@@ -208,3 +196,18 @@ def _bytes(v) -> bytes:
     if isinstance(v, dict):
         return json.dumps(v).encode()
     return bytes(v)
+
+
+def tar_members(key: str, members: dict[str, bytes]) -> bytes:
+    """One sample's tar members as webdataset's TarWriter lays them out (extensions sorted,
+    fixed owner, mode and time, so the same sample gives the same bytes), with ustar headers
+    from tarfile and each member padded to tar's 512-byte blocks."""
+    out = []
+    for ext in sorted(members):
+        data = members[ext]
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uname = info.gname = "featx"
+        out += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data]
+        out.append(tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
+    return b"".join(out)
