@@ -14,7 +14,6 @@ import inspect
 import types
 import typing
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import typer
 from pydantic import BaseModel
@@ -42,23 +41,19 @@ def config_command(
     *,
     arguments: Iterable[str] = (),
     flags: dict[str, tuple[str, ...]] | None = None,
-    help: dict[str, str] | None = None,
     envvars: dict[str, str] | None = None,
     defaults: dict[str, object] | None = None,
-    skip: Iterable[str] = (),
-    name: str | None = None,
 ):
     """Register `fn(values: dict, **extra)` as a command taking `config`'s fields.
 
     `arguments` become positional arguments, in the order given; `flags` adds short forms
-    (e.g. `{"checkpoint": ("-c",)}`); `help` replaces a field's description where the command
-    line says more; `defaults` replaces a field's default for this command; `skip` leaves
-    fields out. `fn`'s own keyword parameters (typer options) come after the config's, and
+    (e.g. `{"checkpoint": ("-c",)}`); `defaults` replaces a field's default for this command
+    (`...`: required). `fn`'s own keyword parameters (typer options) come after the config's, and
     `values` holds the config's fields as given, ready for `config.parse(**values)`.
     """
-    arguments, skip = list(arguments), set(skip)
-    flags, help, envvars, defaults = flags or {}, help or {}, envvars or {}, defaults or {}
-    fields = {k: f for k, f in config.model_fields.items() if k not in skip}
+    arguments = list(arguments)
+    flags, envvars, defaults = flags or {}, envvars or {}, defaults or {}
+    fields = config.model_fields
 
     def decorate(fn: Callable):
         own = list(inspect.signature(fn).parameters.values())[1:]
@@ -68,7 +63,7 @@ def config_command(
         for key in order:
             f = fields[key]
             default = defaults.get(key, ... if f.is_required() else f.default)
-            text = help.get(key, f.description or "") + _constraints(f)
+            text = (f.description or "") + _constraints(f)
             if key in arguments:
                 info = typer.Argument(
                     default, help=text, metavar=key.upper(), show_default=default is not None
@@ -97,7 +92,7 @@ def config_command(
 
         command.__signature__ = inspect.Signature(params)
         command.__annotations__ = annotations
-        app.command(name)(command)
+        app.command()(command)
         return command
 
     return decorate
@@ -106,18 +101,12 @@ def config_command(
 def _cli_type(annotation) -> type:
     """The type the command line parses a field as; the config validates the value."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    optional = type(None) in typing.get_args(annotation)
     origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _cli_type(args[0])
     if origin is typing.Literal:
         return str
     if origin in (typing.Union, types.UnionType):
-        inner = args[0] if len(args) == 1 else str  # Path | str: the config decides
-        if Path in args:
-            inner = str if str in args else Path
-        inner = _cli_type(inner)
-        return inner | None if optional else inner
+        inner = _cli_type(args[0]) if len(args) == 1 else str  # Path | str: the config decides
+        return inner | None if type(None) in typing.get_args(annotation) else inner
     return annotation
 
 
