@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from featx.cli_parts import RAY_ENV, acc, config_command, console, parse
-from featx.config import ExtractConfig, IngestConfig, TrainConfig
+from featx.config import ExtractConfig, IngestConfig, ProbeConfig, TrainConfig
 from featx.errors import ConfigError
 
 app = typer.Typer(
@@ -136,11 +136,11 @@ def extract(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
     list). Each part appears only when complete: re-running skips finished parts ("up to
     date"), and a run killed at any moment resumes with every sample exactly once.
     """
-    from featx.extract import run_extract
+    from featx.extract import extract
 
     cfg = parse(ExtractConfig, values)
     with _progress_bar("extract", starting="extract (starting Ray)") as progress:
-        s = run_extract(cfg, progress=progress)
+        s = extract(cfg, progress=progress)
     if s.up_to_date:
         console.print(
             f"[green]up to date[/]: {s.total_rows} rows in {s.files_skipped} files at {s.out}"
@@ -161,32 +161,8 @@ def extract(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
     _write_summary(summary_json, s.to_dict())
 
 
-@app.command()
-def probe(
-    features: str = typer.Argument(
-        ..., help="FEATURES_DIR written by `featx extract` (a folder or an object-store URI)."
-    ),
-    baseline: bool = typer.Option(
-        True, help="Compare with the same architecture's random-init features."
-    ),
-    baseline_checkpoint: str | None = typer.Option(
-        None, help="Compare with this model's features instead of a random-init one."
-    ),
-    classic: bool = typer.Option(
-        True,
-        help="Compare with classic features of the same samples: raw pixels 16x16, tf-idf "
-        "word 1-2 grams, or log-mel 40-band mean+std.",
-    ),
-    dataset: str | None = typer.Option(
-        None,
-        help="Dataset for the baselines (random-init and classic features); default: the one "
-        "extract recorded.",
-    ),
-    seed: int = typer.Option(0, help="Seed of the random-init baseline and the probe."),
-    ray_address: str | None = typer.Option(
-        None, help="Ray cluster for the baseline extraction (default: $RAY_ADDRESS or local)."
-    ),
-) -> None:
+@config_command(app, ProbeConfig, arguments=("features",))
+def probe(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
     """How good are the features? A linear probe against random-init and classic baselines.
 
     Fits a standardised logistic regression on the train rows and reports accuracy on val
@@ -197,24 +173,16 @@ def probe(
 
     from featx.probe import probe as run_probe
 
+    cfg = parse(ProbeConfig, values)
     try:
         with _progress_bar("classic features", starting="probe") as progress:
-            r = run_probe(
-                features,
-                baseline_checkpoint,
-                baseline=baseline,
-                classic=classic,
-                dataset=dataset,
-                seed=seed,
-                ray_address=ray_address,
-                progress=progress,
-            )
+            r = run_probe(cfg, progress=progress)
     except ValueError as e:
         console.print(f"[red]error[/]: {e}")
         raise typer.Exit(2) from None
     # The feature kind goes in the caption: as a header it would wrap an 80-column terminal.
     caption = f"classic: {r.classic_features}" if r.classic_features else None
-    t = Table(title=f"linear probe: {features}", caption=caption)
+    t = Table(title=f"linear probe: {values['features']}", caption=caption)
     for col in ("split", "rows", "probe accuracy", "random-init baseline", "classic", "majority"):
         t.add_column(col)
     for split, d in r.splits.items():
@@ -238,6 +206,7 @@ def probe(
             acc(r.classic_per_class_accuracy.get(name)),
         )
     console.print(c)
+    _write_summary(summary_json, r.to_dict())
 
 
 @contextlib.contextmanager

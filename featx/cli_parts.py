@@ -102,6 +102,8 @@ def _cli_type(annotation) -> type:
     """The type the command line parses a field as; the config validates the value."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # e.g. `Location | None`: the validator is the config's
+        return _cli_type(args[0])
     if origin is typing.Literal:
         return str
     if origin in (typing.Union, types.UnionType):

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from featx.errors import ConfigError
+from featx.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +104,6 @@ def _token_mode_if_token() -> None:
 
         ray_compat.refresh_config()  # Ray caches its config at import
         log.info("a Ray auth token is set up: connecting with token authentication")
-
-
-def redact(address: str) -> str:
-    """`address` fit for logs: credentials in a URL's user part become `***`."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(address if "://" in address else f"//{address}")
-    if not parts.username and not parts.password:
-        return address
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc)).removeprefix("//")
 
 
 def alive_nodes() -> list[dict]:

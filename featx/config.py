@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from featx.errors import ConfigError
 from featx.storage import Location, is_uri
@@ -52,6 +53,12 @@ class StageConfig(BaseModel):
         if problems := self.cross_problems(dict(self)):
             raise ValueError("; ".join(problems))
         return self
+
+
+def field_from(config: type[StageConfig], name: str, **changes) -> FieldInfo:
+    """Another config's field (default, constraints, description), with `changes`: a config
+    that takes an option of another stage declares it once, where that stage does."""
+    return FieldInfo.merge_field_infos(config.model_fields[name], **changes)
 
 
 class IngestConfig(StageConfig):
@@ -328,3 +335,48 @@ class ExtractConfig(StageConfig):
         False, description="Delete the features in OUT first (needed to switch checkpoints)."
     )
     # The checks that need the file system are extract's preflight, run once as it starts.
+
+
+class ProbeConfig(StageConfig):
+    """Options of `featx probe`; the baseline's extraction takes extract's own options."""
+
+    features: Location = Field(
+        description="FEATURES_DIR written by `featx extract` (a folder or an object-store URI)."
+    )
+    baseline: bool = Field(
+        True, description="Compare with the same architecture's random-init features."
+    )
+    baseline_checkpoint: Location | None = Field(
+        None,
+        description="Compare with this model's features instead of a random-init one (a model "
+        "directory or training RUN_DIR; a folder or URI).",
+    )
+    classic: bool = Field(
+        True,
+        description="Compare with classic features of the same samples: raw pixels 16x16, "
+        "tf-idf word 1-2 grams, or log-mel 40-band mean+std.",
+    )
+    dataset: Location | None = Field(
+        None,
+        description="Dataset for the baselines (random-init and classic features); default: "
+        "the one extract recorded.",
+    )
+    seed: int = Field(0, description="Seed of the random-init baseline and the probe.")
+    batch_size: int = field_from(
+        ExtractConfig,
+        "batch_size",
+        description="Baseline extraction: samples per forward pass.",
+    )
+    workers: int | None = field_from(
+        ExtractConfig,
+        "workers",
+        description="Baseline extraction: model actors; default: extract's (2 on CPUs, about "
+        "one per 4 CPUs on larger machines).",
+    )
+    ray_address: str | None = field_from(
+        ExtractConfig,
+        "ray_address",
+        description="Ray cluster for the baseline extraction (default: $RAY_ADDRESS or local).",
+    )
+    # The checks that need the file system are probe's own, run as it starts: the features'
+    # manifest, then the dataset, only if a baseline reads it.

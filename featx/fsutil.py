@@ -6,31 +6,48 @@ import contextlib
 import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from featx.errors import ConfigError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a hidden temporary beside `path` to write a file into; publish it when the block
+    ends: fsync it, rename it onto `path` and fsync the folder, so `path` is the old file or
+    the whole new one, also after a crash. On any exception the temporary is removed.
+
+    The one way featx writes a file under its final name: anything that can write to a path
+    (torch.save, savefig, a download) goes through it.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
         try:
-            f = open(tmp, "wb")  # noqa: SIM115 (closed below)
-        except OSError as e:
-            e.filename = str(path.parent)  # the folder to fix, not a hidden temporary
-            raise
-        with f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)  # a failed write() names no file; say which one
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):
+            e.filename = str(path)  # name the file being written, not a hidden temporary
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        try:
+            f = open(tmp, "wb")  # noqa: SIM115 (closed below)
+        except OSError as e:
+            e.filename = str(Path(path).parent)  # the folder to fix, not a hidden temporary
+            raise
+        with f:
+            f.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -12,51 +12,53 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from pydantic.fields import FieldInfo
 
 from featx import storage
-from featx.config import ExtractConfig, IngestConfig, Modality, StageConfig, TrainConfig
+from featx.config import (
+    ExtractConfig,
+    IngestConfig,
+    Modality,
+    ProbeConfig,
+    StageConfig,
+    TrainConfig,
+    field_from,
+)
 from featx.storage import Location
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-def _field(config: type[StageConfig], name: str, **changes):
-    """A stage config's field (default, constraints, description), with `changes`: the
-    pipeline declares no option of its own stages a second time."""
-    return FieldInfo.merge_field_infos(config.model_fields[name], **changes)
-
-
 class PipelineConfig(StageConfig):
     """Options of the pipeline flow (and of `featx demo` for each sample dataset): the stage
-    options most worth setting, each as its stage declares it (`_field`), and the work folder.
+    options most worth setting, each as its stage declares it (`field_from`), and the work
+    folder.
     """
 
-    src: Path = _field(IngestConfig, "src", default=REPO_DATA / "images")
+    src: Path = field_from(IngestConfig, "src", default=REPO_DATA / "images")
     workdir: Location = Field(
         Path(".runs/pipeline"),
         description="Stage outputs: shards/, run/, features/, report.md (a folder or an "
         "object-store URI).",
     )
     # ingest (a smaller shard and a larger val split than `featx ingest`'s, for small data)
-    modality: Modality | None = _field(IngestConfig, "modality")
-    val_fraction: float = _field(IngestConfig, "val_fraction", default=0.2)
-    shard_samples: int = _field(IngestConfig, "shard_samples", default=64)
-    image_size: int = _field(IngestConfig, "image_size")
+    modality: Modality | None = field_from(IngestConfig, "modality")
+    val_fraction: float = field_from(IngestConfig, "val_fraction", default=0.2)
+    shard_samples: int = field_from(IngestConfig, "shard_samples", default=64)
+    image_size: int = field_from(IngestConfig, "image_size")
     # train
-    model: Literal["cnn", "rnn", "attention"] = _field(TrainConfig, "model")
-    preset: str = _field(TrainConfig, "preset")
-    epochs: int | None = _field(TrainConfig, "epochs")
-    patience: int = _field(TrainConfig, "patience")
-    workers: int = _field(TrainConfig, "workers")
-    batch_size: int | None = _field(TrainConfig, "batch_size")
-    lr: float | None = _field(TrainConfig, "lr")
-    flip: bool = _field(TrainConfig, "flip")
+    model: Literal["cnn", "rnn", "attention"] = field_from(TrainConfig, "model")
+    preset: str = field_from(TrainConfig, "preset")
+    epochs: int | None = field_from(TrainConfig, "epochs")
+    patience: int = field_from(TrainConfig, "patience")
+    workers: int = field_from(TrainConfig, "workers")
+    batch_size: int | None = field_from(TrainConfig, "batch_size")
+    lr: float | None = field_from(TrainConfig, "lr")
+    flip: bool = field_from(TrainConfig, "flip")
     # every stage
-    gpu: bool = _field(
+    gpu: bool = field_from(
         TrainConfig, "gpu", description="GPU training workers and extraction actors."
     )
-    ray_address: str | None = _field(TrainConfig, "ray_address")
+    ray_address: str | None = field_from(TrainConfig, "ray_address")
 
     @property
     def shards(self):
@@ -90,6 +92,9 @@ class PipelineConfig(StageConfig):
             ray_address=self.ray_address,
         )
 
+    def probe_config(self) -> ProbeConfig:
+        return ProbeConfig.parse(features=self.features)
+
     def _shared(self, config: type[StageConfig], skip: set[str] = frozenset()) -> dict:
         """This config's values of the fields `config` has too."""
         return {k: v for k, v in self if k in config.model_fields and k not in skip}
@@ -97,7 +102,7 @@ class PipelineConfig(StageConfig):
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Every stage in order, without Prefect; returns the same summary the flow returns."""
-    from featx.extract import run_extract
+    from featx.extract import extract
     from featx.ingest import ingest
     from featx.probe import probe
     from featx.train import train
@@ -105,8 +110,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     t0 = time.perf_counter()
     ingested = ingest(cfg.ingest_config()).to_dict()
     trained = train(cfg.train_config()).to_dict()
-    extracted = run_extract(cfg.extract_config()).to_dict()
-    probed = probe(cfg.features).to_dict()
+    extracted = extract(cfg.extract_config()).to_dict()
+    probed = probe(cfg.probe_config()).to_dict()
     summary = summarise(cfg, ingested, trained, extracted, probed, time.perf_counter() - t0)
     write_report(cfg.report, summary)
     return summary

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.config import ExtractConfig, ProbeConfig
 from featx.features import BASELINE_DIR, MANIFEST, read_features, read_manifest
 
 log = logging.getLogger(__name__)
@@ -50,53 +51,32 @@ class ProbeResult:
         return asdict(self)
 
 
-def probe(
-    features_dir: Path,
-    baseline_checkpoint: Path | None = None,
-    *,
-    baseline: bool = True,
-    classic: bool = True,
-    dataset: Path | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    workers: int | None = None,
-    ray_address: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> ProbeResult:
-    """Fit a logistic-regression probe on train rows; accuracy on val (and test) rows.
+def probe(cfg: ProbeConfig, progress: Callable[[int, int], None] | None = None) -> ProbeResult:
+    """Fit a logistic-regression probe on the train rows of `cfg.features`; accuracy on val
+    (and test) rows.
 
-    The baseline is `baseline_checkpoint` if given, otherwise the features' own architecture
-    with random weights (`seed`); its features are extracted from `dataset` (default: the one
-    recorded in the manifest) into FEATURES_DIR/_baseline/features. `baseline=False` skips it.
-    The classic baseline probes `featx.classic` features of the same samples of `dataset`,
-    matched to the feature rows by key; `classic=False` skips it. `progress(done, total)` is
-    called as the classic features are computed.
+    The baseline is `cfg.baseline_checkpoint` if given, otherwise the features' own
+    architecture with random weights (`cfg.seed`); its features are extracted from
+    `cfg.dataset` (default: the one recorded in the manifest) into
+    FEATURES_DIR/_baseline/features. `baseline=False` skips it. The classic baseline probes
+    `featx.classic` features of the same samples of the dataset, matched to the feature rows
+    by key; `classic=False` skips it. `progress(done, total)` is called as the classic
+    features are computed. Build the config with `ProbeConfig.parse(features=...)`.
     """
     from featx import storage
 
-    if storage.is_uri(features_dir):
+    if storage.is_uri(cfg.features):
         # Probe a local copy (it reads every row anyway); the baseline's features go back.
-        with storage.staged_output(features_dir, last=("*.parquet",)) as local:
-            result = probe(
-                local,
-                baseline_checkpoint,
-                baseline=baseline,
-                classic=classic,
-                dataset=dataset,
-                seed=seed,
-                batch_size=batch_size,
-                workers=workers,
-                ray_address=ray_address,
-                progress=progress,
-            )
-        result.features_dir = storage.display(features_dir)
+        with storage.staged_output(cfg.features, last=("*.parquet",)) as local:
+            result = probe(cfg.model_copy(update={"features": local}), progress)
+        result.features_dir = storage.display(cfg.features)
         if result.baseline_dir:
             result.baseline_dir = storage.display(
-                storage.join(features_dir, BASELINE_DIR, "features")
+                storage.join(cfg.features, BASELINE_DIR, "features")
             )
         return result
     t0 = time.perf_counter()
-    features_dir = Path(features_dir)
+    features_dir, seed = Path(cfg.features), cfg.seed
     manifest = read_manifest(features_dir)
     if manifest is None:
         raise FileNotFoundError(
@@ -106,8 +86,8 @@ def probe(
     X, df = read_features(features_dir)
     fit = _Probe.fit(X, df, features_dir, seed)
     # Both baselines read the dataset; check it once, before either starts work.
-    needs = [name for name, on in (("random-init", baseline), ("classic", classic)) if on]
-    source = _source_dataset(manifest, dataset, needs) if needs else None
+    needs = [name for name, on in (("random-init", cfg.baseline), ("classic", cfg.classic)) if on]
+    source = _source_dataset(manifest, cfg.dataset, needs) if needs else None
     splits = {
         s: {
             "accuracy": fit.accuracy[s],
@@ -125,17 +105,8 @@ def probe(
         per_class_accuracy=fit.per_class["val"],
         splits=splits,
     )
-    if baseline:
-        bdir = _baseline_features(
-            features_dir,
-            manifest,
-            baseline_checkpoint,
-            source,
-            seed,
-            batch_size,
-            workers,
-            ray_address,
-        )
+    if cfg.baseline:
+        bdir = _baseline_features(cfg, features_dir, manifest, source)
         base = _Probe.fit(*read_features(bdir), bdir, seed)
         for s, d in splits.items():
             d["baseline_accuracy"] = base.accuracy.get(s)
@@ -143,7 +114,7 @@ def probe(
         result.baseline_accuracy = base.accuracy["val"]
         result.baseline_per_class_accuracy = base.per_class["val"]
         result.baseline_dir = str(bdir)
-    if classic:
+    if cfg.classic:
         from featx.classic import classic_features
 
         feats = classic_features(source, progress=progress)
@@ -257,9 +228,7 @@ def _source_dataset(manifest: dict, dataset, needs: list[str]):
     return dataset
 
 
-def _baseline_features(
-    features_dir, manifest, checkpoint, dataset, seed, batch_size, workers, ray_address
-) -> Path:
+def _baseline_features(cfg: ProbeConfig, features_dir: Path, manifest: dict, dataset) -> Path:
     """Extract baseline features into FEATURES_DIR/_baseline/features (cached across runs)."""
     from featx import storage
     from featx.checkpoint import MODEL_FILE, resolve_model_dir
@@ -268,9 +237,9 @@ def _baseline_features(
 
     root = features_dir / BASELINE_DIR
     model_dir = (
-        resolve_model_dir(storage.location(checkpoint))
-        if checkpoint
-        else _random_model(root / "model", manifest, dataset, seed)
+        resolve_model_dir(cfg.baseline_checkpoint)
+        if cfg.baseline_checkpoint
+        else _random_model(root / "model", manifest, dataset, cfg.seed)
     )
     if storage.is_uri(model_dir):
         model_dir = storage.local_copy(model_dir)
@@ -280,13 +249,15 @@ def _baseline_features(
     overwrite = old is not None and old["checkpoint_sha256"] != sha256_file(model_dir / MODEL_FILE)
     log.info("extracting baseline features with %s into %s", model_dir, out)
     extract(
-        dataset,
-        model_dir,
-        out,
-        batch_size=batch_size,
-        workers=workers,
-        ray_address=ray_address,
-        overwrite=overwrite,
+        ExtractConfig.parse(
+            dataset=dataset,
+            checkpoint=model_dir,
+            out=out,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            ray_address=cfg.ray_address,
+            overwrite=overwrite,
+        )
     )
     return out
 

@@ -29,7 +29,9 @@ from pydantic import BeforeValidator
 from featx.errors import ConfigError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+# The user part of an address, with or without a scheme: up to the last "@" before the path
+# (as urllib splits it, so a password holding "@" is hidden whole).
+_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")
 log = logging.getLogger(__name__)
 PUSHED = ".pushed.json"  # beside a staging folder: what was last pushed or pulled
 
@@ -54,9 +56,17 @@ def location(value):
 Location = Annotated[Path | str, BeforeValidator(location)]
 
 
+def redact(address: str) -> str:
+    """`address` fit for logs: the user part of `scheme://user:pass@host/...` or of
+    `user:pass@host:port` becomes `***`; the rest is kept as it is."""
+    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", address)
+
+
 def display(loc) -> str:
     """The location for logs and errors, with any credentials in the URI hidden."""
-    return _USERINFO.sub(r"\1***@", str(loc))
+    text = str(loc)
+    # A local path is shown as it is, even with an "@" in a folder's name.
+    return redact(text) if isinstance(loc, str) and _SCHEME.match(text) else text
 
 
 def join(loc, *parts: str):
@@ -172,13 +182,13 @@ def local_path(loc) -> str:
     """A path a library that wants a file name can read: the file itself, or a cached copy."""
     if not is_uri(loc):
         return str(loc)
+    from featx.fsutil import atomic_write_bytes
+
     data = read_bytes(loc)
     cache = cache_root() / "objects" / hashlib.sha256(data).hexdigest()
     if not cache.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        tmp.replace(cache)
+        atomic_write_bytes(cache, data)
     return str(cache)
 
 
@@ -191,6 +201,8 @@ def local_copy(uri: str) -> Path:
     import tempfile
 
     import pyarrow.fs as pafs
+
+    from featx.fsutil import atomic_path, fsync_dir
 
     fs, root = filesystem(uri)
     infos = [
@@ -210,12 +222,15 @@ def local_copy(uri: str) -> Path:
         for i in infos:
             target = tmp / i.path[len(root) :].lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
-            _download(fs, i.path, target)
+            with atomic_path(target) as part:  # durable before the folder gets its name
+                _download(fs, i.path, part)
+        # A folder is published whole by one rename; the first process to finish wins.
         try:
             tmp.rename(dest)
         except OSError:  # another process finished the same copy first
             if not dest.is_dir():
                 raise
+        fsync_dir(dest.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -278,6 +293,8 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
     many. Paths matching a `skip` pattern are left out."""
     import pyarrow.fs as pafs
 
+    from featx.fsutil import atomic_path
+
     fs, root = filesystem(uri)
     local.mkdir(parents=True, exist_ok=True)
     index = _index(local)
@@ -293,9 +310,8 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
             continue
         dest = local / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-        _download(fs, info.path, tmp)
-        tmp.replace(dest)
+        with atomic_path(dest) as tmp:
+            _download(fs, info.path, tmp)
         index[rel] = _stamp(dest.stat())
         n += 1
     _save_index(local, index)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from featx.extract import ExtractConfig
+from featx.config import ExtractConfig, ProbeConfig
 from featx.probe import headline
 from flows.tasks import class_table_artifact, extract_task, probe_task
 
@@ -16,7 +16,7 @@ def extract_flow(config: ExtractConfig, run_probe: bool = True) -> dict:
     from featx.dataset import load_card
 
     summary = extract_task(config)
-    probe = probe_task(config.out) if run_probe else None
+    probe = probe_task(ProbeConfig.parse(features=config.out)) if run_probe else None
     create_markdown_artifact(
         key="featx-extract",
         markdown=(

@@ -29,7 +29,7 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B
     ingest_artifacts(ingested)
     trained = train_task(config.train_config())
     extracted = extract_task(config.extract_config())
-    probed = probe_task(config.features)
+    probed = probe_task(config.probe_config())
     summary = summarise(config, ingested, trained, extracted, probed, time.perf_counter() - t0)
     write_report(config.report, summary)
     create_markdown_artifact(

@@ -22,6 +22,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from featx.fsutil import atomic_path
+
 
 def use_prefect_home(home: Path) -> None:
     """Point Prefect at `home` unless the caller already chose a home or an API server."""
@@ -44,9 +46,8 @@ def ensure_database(attempts: int = 5) -> None:
     template = _template(attempts)
     if not db.exists():
         db.parent.mkdir(parents=True, exist_ok=True)
-        tmp = db.with_name(f".{db.name}.tmp")
-        shutil.copyfile(template, tmp)
-        tmp.replace(db)
+        with atomic_path(db) as tmp:
+            shutil.copyfile(template, tmp)
     elif _revision(db) != _revision(template):
         _upgrade(os.environ, attempts)
     # The schema is current: the temporary API server need not check it again on start.
@@ -64,7 +65,8 @@ def _template(attempts: int) -> Path:
         env = {**os.environ, "PREFECT_HOME": home}
         _upgrade(env, attempts)
         # Two processes may build it at once: each renames a whole file, the last one wins.
-        (Path(home) / "prefect.db").replace(template)
+        with atomic_path(template) as tmp:
+            (Path(home) / "prefect.db").replace(tmp)
     return template
 
 

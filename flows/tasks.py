@@ -19,7 +19,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from featx.config import IngestConfig
+from featx.config import ExtractConfig, IngestConfig, ProbeConfig, TrainConfig
 from featx.storage import location
 
 
@@ -46,7 +46,7 @@ def ingest_task(config: IngestConfig) -> dict:
 
 
 @task(name="train", retries=1, retry_delay_seconds=5, persist_result=True)
-def train_task(config) -> dict:
+def train_task(config: TrainConfig) -> dict:
     from featx.dataset import load_card
     from featx.train import train
 
@@ -63,17 +63,17 @@ def train_task(config) -> dict:
 
 
 @task(name="extract", retries=2, retry_delay_seconds=5, persist_result=True)
-def extract_task(config) -> dict:
-    from featx.extract import run_extract
+def extract_task(config: ExtractConfig) -> dict:
+    from featx.extract import extract
 
-    return run_extract(config, progress=_Progress(f"extract {config.dataset}")).to_dict()
+    return extract(config, progress=_Progress(f"extract {config.dataset}")).to_dict()
 
 
 @task(name="probe", retries=1, persist_result=True)
-def probe_task(features: Path) -> dict:
+def probe_task(config: ProbeConfig) -> dict:
     from featx.probe import probe
 
-    return probe(features).to_dict()
+    return probe(config).to_dict()
 
 
 class _EpochWatcher:

@@ -9,13 +9,14 @@ import typer
 from typer.testing import CliRunner
 
 from featx import cli
-from featx.config import ExtractConfig, IngestConfig, TrainConfig
+from featx.config import ExtractConfig, IngestConfig, ProbeConfig, TrainConfig
 from featx.pipeline import PipelineConfig
 
 COMMANDS = {
     "ingest": (IngestConfig, ["src", "out"]),
     "train": (TrainConfig, ["dataset"]),
     "extract": (ExtractConfig, ["dataset"]),
+    "probe": (ProbeConfig, ["features"]),
     "pipeline": (PipelineConfig, ["src"]),
 }
 
@@ -84,3 +85,17 @@ def test_help_gives_every_option_its_description(command):
     for key in config.model_fields:
         if key not in arguments:
             assert "--" + key.replace("_", "-") in r.output, key
+
+
+def test_every_stage_config_has_a_command():
+    """A new stage config gets its command here too, so the tests above cover it."""
+    import featx.config
+
+    configs = {
+        c
+        for c in vars(featx.config).values()
+        if isinstance(c, type)
+        and issubclass(c, featx.config.StageConfig)
+        and c is not featx.config.StageConfig
+    }
+    assert configs <= {config for config, _ in COMMANDS.values()}

@@ -10,7 +10,7 @@ import torch
 
 from featx.checkpoint import save_model_dir
 from featx.classic import classic_features
-from featx.config import IngestConfig
+from featx.config import ExtractConfig, IngestConfig, ProbeConfig
 from featx.dataset import finished_shards, load_card, read_stats
 from featx.extract import extract
 from featx.features import BASELINE_DIR, make_table, read_features, write_manifest, write_part
@@ -102,8 +102,8 @@ def test_trained_features_beat_the_random_init_baseline(
     from featx.cli import app
 
     out = tmp_path / "features"
-    extract(patch_ds, trained_run, out)
-    r = probe(out)
+    extract(ExtractConfig.parse(dataset=patch_ds, checkpoint=trained_run, out=out))
+    r = probe(ProbeConfig.parse(features=out))
     card = load_card(patch_ds)
     assert r.rows["val"] == card["counts"]["val"]["total"]
     assert r.rows["train"] == card["counts"]["train"]["total"]
@@ -118,7 +118,7 @@ def test_trained_features_beat_the_random_init_baseline(
     assert len(parts) == len(list(out.glob("*/part-*.parquet")))
     # The baseline is cached: probing again extracts nothing and gives the same numbers.
     mtimes = [p.stat().st_mtime_ns for p in parts]
-    again = probe(out)
+    again = probe(ProbeConfig.parse(features=out))
     assert (again.accuracy, again.baseline_accuracy) == (r.accuracy, r.baseline_accuracy)
     assert [p.stat().st_mtime_ns for p in parts] == mtimes
     res = CliRunner().invoke(app, ["probe", str(out)])
@@ -156,7 +156,7 @@ def write_features(root: Path, rows: dict[str, int], labelled: bool = True, seed
 
 def test_probe_scores_val_and_test_per_class(tmp_path):
     features = write_features(tmp_path, {"train": 40, "val": 20, "test": 10})
-    r = probe(features, baseline=False, classic=False)
+    r = probe(ProbeConfig.parse(features=features, baseline=False, classic=False))
     assert r.accuracy == 1.0 and r.splits["test"]["accuracy"] == 1.0
     assert r.majority_accuracy == 0.5 and r.baseline_accuracy is None
     assert r.classic_accuracy is None and r.classic_features is None
@@ -165,14 +165,35 @@ def test_probe_scores_val_and_test_per_class(tmp_path):
 
 
 def test_probe_without_labels_or_val_rows_says_what_to_do(tmp_path):
+    unlabelled = write_features(tmp_path / "a", {"train": 10, "val": 4}, labelled=False)
     with pytest.raises(ValueError, match="no labels.*unlabelled"):
-        probe(write_features(tmp_path / "a", {"train": 10, "val": 4}, labelled=False))
+        probe(ProbeConfig.parse(features=unlabelled))
+    no_val = write_features(tmp_path / "b", {"train": 10})
     with pytest.raises(ValueError, match="no labelled val rows.*--val-fraction"):
-        probe(write_features(tmp_path / "b", {"train": 10}))
+        probe(ProbeConfig.parse(features=no_val))
     with pytest.raises(FileNotFoundError, match="featx extract"):
-        probe(tmp_path / "empty")
+        probe(ProbeConfig.parse(features=tmp_path / "empty"))
+    no_dataset = write_features(tmp_path / "c", {"train": 10, "val": 4})
     with pytest.raises(FileNotFoundError, match="dataset"):  # the auto baseline needs it
-        probe(write_features(tmp_path / "c", {"train": 10, "val": 4}))
+        probe(ProbeConfig.parse(features=no_dataset))
+
+
+def test_probe_command_takes_the_config_and_writes_a_summary(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from featx.cli import app
+
+    features = write_features(tmp_path / "f", {"train": 40, "val": 20})
+    summary = tmp_path / "probe.json"
+    argv = ["probe", str(features), "--no-baseline", "--no-classic", "--seed", "3"]
+    res = CliRunner().invoke(app, [*argv, "--summary-json", str(summary)])
+    assert res.exit_code == 0, res.output
+    assert "linear probe" in res.output and "1.000" in res.output
+    assert json.loads(summary.read_text())["accuracy"] == 1.0
+    res = CliRunner().invoke(app, ["probe", str(write_features(tmp_path / "g", {"train": 10}))])
+    assert res.exit_code == 2 and "no labelled val rows" in res.output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +277,7 @@ def test_classic_pixels_carry_the_class_and_rows_match_by_key(square_ds, tmp_pat
     _, df = read_features(features, split="train")
     assert list(df["key"]) != shard_keys and sorted(df["key"]) == sorted(shard_keys)
 
-    r = probe(features, baseline=False)
+    r = probe(ProbeConfig.parse(features=features, baseline=False))
     assert r.classic_features == "raw pixels 16x16"
     assert r.classic_accuracy >= 0.9 and r.classic_accuracy > r.majority_accuracy + 0.4
     assert set(r.classic_per_class_accuracy) == {"c0", "c1", "c2"}
@@ -268,7 +289,9 @@ def test_classic_pixels_carry_the_class_and_rows_match_by_key(square_ds, tmp_pat
 def test_classic_tfidf_finds_the_topic_words_and_stays_sparse(words_ds, tmp_path):
     from scipy import sparse
 
-    r = probe(features_of(words_ds, tmp_path / "features"), baseline=False)
+    r = probe(
+        ProbeConfig.parse(features=features_of(words_ds, tmp_path / "features"), baseline=False)
+    )
     assert r.classic_features == "tf-idf word 1-2 grams"
     assert r.classic_accuracy >= 0.9 and r.rows["val"] == 15
     feats = classic_features(words_ds)
@@ -284,7 +307,7 @@ def test_classic_log_mel_stats_tell_low_from_high_tones(tmp_path):
     ds = _ingest(tmp_path / "src", tmp_path / "ds", val_fraction=0.4)
     feats = classic_features(ds)
     assert feats.kind == "log-mel 40-band mean+std" and feats.X.shape == (16, 80)
-    r = probe(features_of(ds, tmp_path / "features"), baseline=False)
+    r = probe(ProbeConfig.parse(features=features_of(ds, tmp_path / "features"), baseline=False))
     assert r.classic_accuracy == 1.0
 
 
@@ -300,12 +323,12 @@ def test_no_classic_skips_it_and_a_missing_dataset_says_what_to_do(square_ds, tm
 
     nowhere = write_features(tmp_path / "nowhere", {"train": 10, "val": 4})
     with pytest.raises(FileNotFoundError, match="classic baseline needs the dataset.*--no-classic"):
-        probe(nowhere, baseline=False)
+        probe(ProbeConfig.parse(features=nowhere, baseline=False))
     with pytest.raises(
         FileNotFoundError,
         match=r"random-init and classic baselines.*--no-baseline\) and .*--no-classic",
     ):
-        probe(nowhere)
+        probe(ProbeConfig.parse(features=nowhere))
     # Without the classic baseline the dataset is never read.
     res = CliRunner().invoke(app, ["probe", str(nowhere), "--no-baseline", "--no-classic"])
     assert res.exit_code == 0, res.output
@@ -315,4 +338,4 @@ def test_no_classic_skips_it_and_a_missing_dataset_says_what_to_do(square_ds, tm
 def test_classic_refuses_feature_rows_the_dataset_does_not_hold(square_ds, words_ds, tmp_path):
     features = features_of(words_ds, tmp_path / "features")
     with pytest.raises(ValueError, match="no sample in the dataset.*--dataset"):
-        probe(features, baseline=False, dataset=square_ds)
+        probe(ProbeConfig.parse(features=features, baseline=False, dataset=square_ds))

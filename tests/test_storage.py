@@ -22,9 +22,9 @@ import pytest
 from conftest import make_text
 
 from featx import storage
-from featx.config import ConfigError, IngestConfig
+from featx.config import ConfigError, ExtractConfig, IngestConfig
 from featx.dataset import load_card
-from featx.extract import ExtractConfig, run_extract
+from featx.extract import extract
 from featx.features import MANIFEST, read_features
 from featx.ingest import ingest
 from featx.pipeline import PipelineConfig, run_pipeline
@@ -110,7 +110,7 @@ def pipeline(s3, ray_cluster, tmp_path_factory):
             dataset=ds, out=run, model="rnn", epochs=2, batch_size=8, workers=2, log_keys=True
         )
     )
-    extracted = run_extract(ExtractConfig.parse(dataset=ds, checkpoint=run, out=feats))
+    extracted = extract(ExtractConfig.parse(dataset=ds, checkpoint=run, out=feats))
     return src, ds, run, feats, ingested, trained, extracted
 
 
@@ -220,6 +220,45 @@ def test_an_unknown_scheme_or_a_non_featx_prefix_is_refused(s3, tmp_path):
     assert objects(s3, "other") == {"notes.txt": 9}
 
 
+@pytest.mark.parametrize(
+    ("address", "shown"),
+    [
+        ("127.0.0.1:6379", "127.0.0.1:6379"),
+        ("ray://head:10001", "ray://head:10001"),
+        ("ray://alice:s3cret@head:10001", "ray://***@head:10001"),
+        ("alice:s3cret@head:10001", "***@head:10001"),
+        ("https://token:s3cret@ray.example.com/api", "https://***@ray.example.com/api"),
+        ("s3://AKIAKEY:s3cret@bucket/ds", "s3://***@bucket/ds"),
+        ("s3://key:p@ss@bucket/ds", "s3://***@bucket/ds"),  # an "@" in the password
+        ("ray://alice:s3cret@[::1]:10001", "ray://***@[::1]:10001"),
+        ("s3://bucket/photos/a@2x.png", "s3://bucket/photos/a@2x.png"),  # "@" in the path
+        ("data/a@2x", "data/a@2x"),
+    ],
+)
+def test_redact_hides_the_user_part_of_an_address(address, shown):
+    """One function hides credentials everywhere: storage URIs and Ray addresses alike."""
+    from featx import cluster
+
+    assert storage.redact(address) == shown
+    assert cluster.redact is storage.redact  # what init_ray logs a cluster address with
+
+
+def test_downloads_are_published_whole_or_not_at_all(tmp_path):
+    """Downloads and caches write through `fsutil.atomic_path`: a failed write leaves neither
+    the file nor a temporary, and a finished one is in place under its name."""
+    from featx.fsutil import atomic_path
+
+    dest = tmp_path / "model.pt"
+    with pytest.raises(OSError) as e, atomic_path(dest) as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+    assert e.value.filename == str(dest)  # the file being written, not a hidden temporary
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(b"whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"] and dest.read_bytes() == b"whole"
+
+
 def test_locations_and_redaction():
     assert storage.location("s3://bucket/ds/") == "s3://bucket/ds"
     assert storage.location("file:///data/ds") == Path("/data/ds")
@@ -229,5 +268,6 @@ def test_locations_and_redaction():
     )
     assert storage.display("s3://AKIAKEY:s3cret@bucket/ds") == "s3://***@bucket/ds"
     assert "s3cret" not in storage.display("gs://user:s3cret@bucket")
+    assert storage.display(Path("me@work/ds")) == "me@work/ds"  # a local path as it is
     a, b = storage.staging("s3://a/ds"), storage.staging("s3://b/ds")
     assert a != b and a.name.startswith("ds-")  # one staging folder per URI

@@ -194,7 +194,7 @@ def _instrument(spans: Spans, marks: dict) -> None:
     spans.wrap(ray, "init", "ray.init")
     spans.wrap(featx.ingest, "ingest", "stage.ingest")
     spans.wrap(featx.train, "train", "stage.train", keep_result=True)
-    spans.wrap(featx.extract, "run_extract", "stage.extract", keep_result=True)
+    spans.wrap(featx.extract, "extract", "stage.extract", keep_result=True)
     spans.wrap(featx.probe, "probe", "stage.probe")
     flow, registered = flows.pipeline.pipeline_flow, []
 

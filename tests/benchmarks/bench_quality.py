@@ -25,7 +25,8 @@ from benchlib import emit
 
 
 def run_one(ds: Path, work: Path, model: str, epochs: int | None) -> dict:
-    from featx.extract import ExtractConfig, run_extract
+    from featx.config import ExtractConfig, ProbeConfig
+    from featx.extract import extract
     from featx.probe import probe
     from featx.train import TrainConfig, train
 
@@ -41,9 +42,9 @@ def run_one(ds: Path, work: Path, model: str, epochs: int | None) -> dict:
     trained = train(cfg)
     t_train = time.perf_counter() - t0
     feats = work / f"features-{model}"
-    run_extract(ExtractConfig.parse(dataset=ds, checkpoint=cfg.out, out=feats))
+    extract(ExtractConfig.parse(dataset=ds, checkpoint=cfg.out, out=feats))
     t_extract = time.perf_counter() - t0 - t_train
-    p = probe(feats)
+    p = probe(ProbeConfig.parse(features=feats))
     return {
         "model": model,
         "trained": p.accuracy,

@@ -88,8 +88,8 @@ def main() -> int:
         "matmul_dtype": "bf16" if gpu else "fp32",
     }))  # fmt: skip
 
-    from featx.config import IngestConfig
-    from featx.extract import ExtractConfig, run_extract
+    from featx.config import ExtractConfig, IngestConfig
+    from featx.extract import extract
     from featx.ingest import ingest
     from featx.train import TrainConfig, train
 
@@ -112,7 +112,7 @@ def main() -> int:
                 )
             )
             train_s = time.perf_counter() - t0
-            ex = run_extract(
+            ex = extract(
                 ExtractConfig.parse(
                     dataset=shards,
                     checkpoint=run,
