@@ -1,7 +1,8 @@
-"""Self-contained model directories: `model.pt` (a state dict) + `featx.json` (+ tokenizer).
+"""Self-contained model directories: `model.pt` (a state dict) + `featx.json` (+ tokenizer),
+and a training checkpoint's optimiser/schedule state (`train_state.pt`) beside them.
 
-A model directory is all extraction needs. Weights load with `torch.load(weights_only=True)`,
-so a checkpoint can never run code; the architecture is rebuilt from `featx.json`.
+Everything loads with `torch.load(weights_only=True)`, so a checkpoint can never run code; the
+architecture is rebuilt from `featx.json`. torch is imported lazily: the driver reads the names.
 """
 
 from __future__ import annotations
@@ -9,15 +10,19 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from featx import __version__
 from featx.fsutil import atomic_write_text, sha256_file
 
+if TYPE_CHECKING:
+    import torch
+
 MODEL_FILE = "model.pt"
 META_FILE = "featx.json"
 TOKENIZER_FILE = "tokenizer.json"
+# Only in Ray Train's checkpoints (resuming needs it); RUN_DIR/best is published without it.
+STATE_FILE = "train_state.pt"
 
 
 def save_model_dir(
@@ -29,6 +34,8 @@ def save_model_dir(
     extra: dict | None = None,
 ) -> None:
     """Write a model directory; `featx.json` goes last, so its presence means complete."""
+    import torch
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -97,6 +104,8 @@ def resolve_model_dir(path):
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from `featx.json` and load `model.pt` safely; returns (model, meta)."""
+    import torch
+
     from featx import storage
     from featx.models import create_model
 
@@ -111,3 +120,28 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.
     meta["model_dir"] = str(folder)
     meta["checkpoint_sha256"] = sha256_file(folder / MODEL_FILE)
     return model, meta
+
+
+def save_train_state(
+    folder: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+) -> None:
+    """Write what resuming needs beyond the weights: optimiser and schedule state, and the
+    number of epochs done."""
+    import torch
+
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+    }
+    torch.save(state, Path(folder) / STATE_FILE)
+
+
+def load_train_state(folder: Path) -> dict:
+    """The state `save_train_state` wrote: {"optimizer", "scheduler", "epoch"}."""
+    import torch
+
+    return torch.load(Path(folder) / STATE_FILE, weights_only=True)

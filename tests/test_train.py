@@ -59,34 +59,6 @@ def test_cpu_budget_leaves_ray_data_a_cpu_when_it_reads():
     assert _default_cpus_per_worker(2, 4, reserve_for_data=False) == 0.5
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_rank_shares_are_disjoint_complete_and_even(tmp_path, world):
-    """Whole shards dealt to ranks, the leftovers shared by sample: every sample once per
-    epoch, on one rank, and the ranks' shares within one sample of each other."""
-    import webdataset as wds
-
-    from featx.train import _share_of
-
-    sizes = [7, 7, 7, 7, 7, 3, 1]  # 5 full shards, a short one, a single sample
-    shards = []
-    for i, n in enumerate(sizes):
-        url = str(tmp_path / f"shard-{i}.tar")
-        with wds.TarWriter(url) as w:
-            for j in range(n):
-                w.write({"__key__": f"s{i}-{j}", "txt": b"x", "cls": str(j % 2).encode()})
-        shards.append((url, n))
-    every = {f"s{i}-{j}" for i, n in enumerate(sizes) for j in range(n)}
-    for seed in (None, 0, 1, 2):
-        shares = [
-            [s["__key__"] for s in _share_of(shards, rank, world, seed, buffer=4)]
-            for rank in range(world)
-        ]
-        got = [k for share in shares for k in share]
-        assert sorted(got) == sorted(every), seed  # each sample exactly once
-        counts = [len(share) for share in shares]
-        assert max(counts) - min(counts) <= 1, (seed, counts)
-
-
 def test_bad_train_config_stops_before_work(tmp_path, shards):
     with pytest.raises(ConfigError, match="did you run `featx ingest"):
         TrainConfig.parse(dataset=tmp_path, out=tmp_path / "run").check_paths()

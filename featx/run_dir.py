@@ -1,0 +1,111 @@
+"""RUN_DIR, as the driver reads and writes it: Ray Train's checkpoints, best/, metrics.csv and
+curves.png. Plain files only, no torch or Ray, so polling a run (`latest_epoch`) stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from featx import storage
+from featx.checkpoint import META_FILE, STATE_FILE
+
+RAY_RUN = "ray"  # Ray Train's run folder inside RUN_DIR
+KEYS_DIR = "keys"  # per-epoch, per-rank sample keys (`--log-keys`)
+
+
+def checkpoints(out: Path) -> list[tuple[Path, dict]]:
+    """Complete checkpoints Ray Train kept in RUN_DIR, oldest first, with their featx.json."""
+    found = []
+    for meta in (out / RAY_RUN).glob(f"checkpoint_*/{META_FILE}"):
+        found.append((meta.parent, json.loads(meta.read_text())))
+    return sorted(found, key=lambda cm: cm[1]["epoch"])
+
+
+def latest_epoch(run_dir) -> int:
+    """The epoch of the newest complete checkpoint in RUN_DIR (a folder or a URI); 0 if none.
+    Cheap enough to poll: it reads only the checkpoints' featx.json."""
+    metas = storage.glob(storage.join(run_dir, RAY_RUN), f"checkpoint_*/{META_FILE}")
+    return max((json.loads(storage.read_text(m))["epoch"] for m in metas), default=0)
+
+
+def latest_state(out: Path) -> dict | None:
+    """featx.json of the newest complete checkpoint, or None before the first."""
+    ckpts = checkpoints(out)
+    return ckpts[-1][1] if ckpts else None
+
+
+def finished(meta: dict, epochs: int, patience: int) -> bool:
+    """A checkpoint at the last epoch, or one after which early stopping ends the run."""
+    from featx.recipe import should_stop  # imports torch: only once a run has checkpoints
+
+    history = meta["metrics"]["history"]
+    return meta.get("epoch", 0) >= epochs or should_stop(history, patience)
+
+
+def model_history(model_dir: Path) -> list[dict]:
+    return json.loads((model_dir / META_FILE).read_text())["metrics"]["history"]
+
+
+def publish(out: Path) -> None:
+    """Copy the best kept checkpoint (by validation loss) to RUN_DIR/best; write the curves."""
+    ckpts = checkpoints(out)
+    if not ckpts:
+        raise RuntimeError(f"training finished without a checkpoint in {out / RAY_RUN}")
+
+    def score(cm):
+        last = cm[1]["metrics"]["last"]
+        return last.get("val_loss", last["train_loss"])
+
+    best_dir, best_meta = min(ckpts, key=score)
+    current = out / "best" / META_FILE
+    if not current.exists() or json.loads(current.read_text()) != best_meta:
+        tmp, old = out / ".best.tmp", out / ".best.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(best_dir, tmp, ignore=shutil.ignore_patterns(STATE_FILE))
+        if (out / "best").exists():
+            (out / "best").rename(old)
+        tmp.rename(out / "best")
+        shutil.rmtree(old, ignore_errors=True)
+    write_metrics(out, ckpts[-1][1]["metrics"]["history"])
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    import pandas as pd
+
+    from featx.fsutil import atomic_write_text
+
+    fields = sorted({k for row in history for k in row}, key=_metric_order)
+    text = pd.DataFrame(history, columns=fields).to_csv(index=False, float_format="%.6g")
+    atomic_write_text(out / "metrics.csv", text)
+    plot_curves(history, out / "curves.png")
+
+
+def _metric_order(name: str) -> tuple:
+    order = ["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, ax in (("loss", ax1), ("accuracy", ax2)):
+        for split in ("train", "val"):
+            values = [h.get(f"{split}_{key}") for h in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,335 @@
+"""The per-worker training recipe Ray Train runs on every rank, read top to bottom.
+
+`train_loop_per_worker` sets up (model, optimiser, state, data), then runs the epochs: train,
+reduce metrics, evaluate and checkpoint on rank 0, stop together. The pieces take plain
+arguments, so they run (and are tested) without Ray or a process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from featx import storage
+from featx.config import TrainConfig
+from featx.train_data import RankData, dummy_batch, shard_lists
+
+log = logging.getLogger(__name__)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One rank's whole run; `config` is what `featx.train` sends: the TrainConfig as JSON,
+    the dataset card, the splits present, torch threads, and where to log sample keys."""
+    import ray.train
+    from ray.train import Checkpoint
+    from ray.train.torch import prepare_model
+
+    from featx import ray_compat
+    from featx.batching import make_collate
+    from featx.recipe import best_epoch, should_stop
+
+    cfg = TrainConfig.model_validate(config["config"])
+    card, splits, key_dir = config["card"], config["splits"], config["key_dir"]
+    torch.set_num_threads(config["threads"])
+    ray_compat.quiet_report_lines()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    node_id = ray.get_runtime_context().get_node_id()
+    device = ray.train.torch.get_device()
+
+    tokenizer = tokenizer_path(card, cfg.dataset)
+    model = setup_model(cfg, card, tokenizer)
+    steps_per_epoch = max(1, math.ceil(card["counts"]["train"]["total"] / world / cfg.batch_size))
+    optimizer, scheduler = setup_optimizer(
+        model, cfg.lr, cfg.weight_decay, cfg.warmup, steps_per_epoch * cfg.epochs
+    )
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            start_epoch, history = restore(Path(d), model, optimizer, scheduler)
+        if rank == 0:
+            log.info("resuming from the checkpoint of epoch %d", start_epoch)
+    ddp = prepare_model(model)
+    net = ddp.module if hasattr(ddp, "module") else ddp
+    data = setup_data(cfg.loader, card, cfg.dataset, splits, cfg.batch_size, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if should_stop(history, cfg.patience):  # restored from a checkpoint that stopped
+            break
+        collate = make_collate(
+            card["modality"],
+            tokenizer_path=tokenizer,
+            max_tokens=cfg.max_tokens,
+            augment=cfg.augment,
+            flip=cfg.flip,
+            seed=cfg.seed + 1000 * epoch + rank,
+        )
+        t_epoch = time.perf_counter()
+        totals = run_epoch(
+            ddp,
+            optimizer,
+            scheduler,
+            data.train_steps(collate, cfg.seed + epoch, rank, world, steps_per_epoch),
+            label_smoothing=cfg.label_smoothing,
+            grad_clip=cfg.grad_clip,
+            autocast=autocast,
+            fallback=lambda: dummy_batch(card, device),
+            keep_keys=bool(key_dir),
+        )
+        seconds = time.perf_counter() - t_epoch
+        reduced, rank_nodes = reduce_metrics(totals, seconds, node_id, world, device)
+        metrics = {
+            "epoch": epoch + 1,
+            **reduced,
+            "lr": scheduler.get_last_lr()[0],
+            "nodes": len(set(rank_nodes)),
+        }
+        if key_dir:
+            write_keys(key_dir, epoch + 1, rank, totals.keys)
+        if rank == 0:
+            if "val" in splits:
+                plain = make_collate(
+                    card["modality"], tokenizer_path=tokenizer, max_tokens=cfg.max_tokens
+                )
+                metrics.update(evaluate(net, data.batches("val", plain), autocast))
+            history.append(metrics)
+            log_epoch(metrics, cfg.epochs)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(
+                    Path(tmp), net, optimizer, scheduler, card, cfg.dataset, history, rank_nodes
+                )
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        # Rank 0 alone holds the validation history; every rank must stop at the same epoch.
+        if stop_together(rank == 0 and should_stop(history, cfg.patience), world, device):
+            if rank == 0:
+                best = best_epoch(history)
+                log.info("early stop: val loss last improved in epoch %d of %d", best, epoch + 1)
+            break
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+
+
+def tokenizer_path(card: dict, dataset) -> str | None:
+    """The dataset's tokenizer as a local file (text datasets), else None."""
+    if not card.get("tokenizer"):
+        return None
+    return storage.local_path(storage.join(dataset, card["tokenizer"]))
+
+
+def setup_model(cfg: TrainConfig, card: dict, tokenizer: str | None) -> torch.nn.Module:
+    """The model the card's data needs, seeded by `cfg.seed`."""
+    from featx.models import create_model
+
+    vocab = None
+    if tokenizer:
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(tokenizer).get_vocab_size()
+    torch.manual_seed(cfg.seed)
+    return create_model(
+        cfg.model,
+        card["modality"],
+        len(card["classes"]),
+        cfg.preset,
+        vocab_size=vocab,
+        sample_rate=card["normalisation"].get("sample_rate", 16000),
+    )
+
+
+def setup_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, warmup: float, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (featx.recipe's groups) and its warm-up + cosine schedule, stepped every step."""
+    from featx.recipe import build_optimizer, warmup_cosine
+
+    optimizer = build_optimizer(model, lr, weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
+    return optimizer, scheduler
+
+
+def restore(folder: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """Load a checkpoint folder into model, optimiser and schedule; returns (epochs done, the
+    metrics history)."""
+    from featx.checkpoint import MODEL_FILE, load_meta, load_train_state
+
+    model.load_state_dict(torch.load(Path(folder) / MODEL_FILE, weights_only=True))
+    state = load_train_state(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]), load_meta(folder)["metrics"]["history"]
+
+
+def setup_data(
+    loader: str, card: dict, dataset, splits: list[str], batch_size: int, device
+) -> RankData:
+    """This rank's data: its shards (read here), or Ray Data's split of each split."""
+    if loader == "ray":
+        import ray.train
+
+        sources = {s: ray.train.get_dataset_shard(s) for s in splits}
+    else:
+        sources = shard_lists(card, dataset, splits)
+    return RankData(loader, sources, batch_size, device)
+
+
+# -- one epoch ------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochTotals:
+    """One rank's sums over its real (not zero-weight) training samples of an epoch."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    keys: list[str] = field(default_factory=list)
+
+
+def run_epoch(
+    model,
+    optimizer,
+    scheduler,
+    batches,
+    *,
+    label_smoothing: float,
+    grad_clip: float,
+    fallback: Callable[[], tuple],
+    autocast=None,
+    keep_keys: bool = False,
+) -> EpochTotals:
+    """One optimizer step per item of `batches`: a (x, lengths, labels, keys) batch, or None
+    for a zero-weight step; `fallback()` gives the batch to step on before any real one."""
+    autocast = autocast or nullcontext()
+    model.train()
+    totals = EpochTotals()
+    last = None
+    for batch in batches:
+        # A rank whose split ran out steps on its last batch with zero weight, so every
+        # rank takes the same optimizer steps and the replicas never drift apart.
+        real = batch is not None
+        x, lengths, labels, keys = batch if real else last or fallback()
+        with autocast:
+            logits = model(x, lengths)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        (loss if real else loss * 0.0).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if real:
+            last = batch
+            totals.loss_sum += loss.item() * len(labels)
+            totals.correct += (logits.argmax(1) == labels).sum().item()
+            totals.seen += len(labels)
+            if keep_keys:
+                totals.keys += keys
+    return totals
+
+
+def reduce_metrics(
+    totals: EpochTotals, seconds: float, node_id: str, world: int, device
+) -> tuple[dict, list[str]]:
+    """Every rank's totals summed (one all-reduce) and each rank's node (one all_gather);
+    without a process group, this rank's alone."""
+    # on the model's device: NCCL reduces only CUDA tensors
+    summed = torch.tensor(
+        [totals.loss_sum, totals.correct, totals.seen, totals.seen / max(seconds, 1e-9)],
+        device=device,
+    )
+    rank_nodes = [node_id]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(summed)
+        rank_nodes = [None] * world
+        dist.all_gather_object(rank_nodes, node_id)
+    metrics = {
+        "train_loss": summed[0].item() / max(summed[2].item(), 1),
+        "train_accuracy": summed[1].item() / max(summed[2].item(), 1),
+        "samples": int(summed[2].item()),
+        "samples_per_s_worker": totals.seen / max(seconds, 1e-9),
+        "samples_per_s_total": summed[3].item(),
+        "epoch_seconds": seconds,
+    }
+    return metrics, rank_nodes
+
+
+def evaluate(model, batches, autocast=None) -> dict:
+    """Mean cross-entropy (no label smoothing) and accuracy over `batches`."""
+    autocast = autocast or nullcontext()
+    model.eval()
+    loss_sum = correct = n = 0.0
+    with torch.inference_mode():
+        for x, lengths, labels, _ in batches:
+            with autocast:
+                logits = model(x, lengths)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            n += len(labels)
+    model.train()
+    return {"val_loss": loss_sum / max(n, 1), "val_accuracy": correct / max(n, 1)}
+
+
+def stop_together(stop: bool, world: int, device) -> bool:
+    """Rank 0's decision, on every rank (a broadcast), so all ranks leave the same epoch."""
+    flag = torch.tensor([int(stop)]).to(device)
+    if world > 1 and dist.is_initialized():
+        dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
+# -- rank 0's report ------------------------------------------------------------------------------
+
+
+def log_epoch(metrics: dict, epochs: int) -> None:
+    log.info(
+        "epoch %d/%d  train_loss %.4f  val_loss %s  val_acc %s  %.0f samples/s",
+        metrics["epoch"],
+        epochs,
+        metrics["train_loss"],
+        _fmt(metrics.get("val_loss")),
+        _fmt(metrics.get("val_accuracy")),
+        metrics["samples_per_s_total"],
+    )
+
+
+def write_keys(key_dir: str, epoch: int, rank: int, keys: list[str]) -> None:
+    """The sample keys this rank trained on this epoch (`--log-keys`: audits coverage)."""
+    name = f"epoch{epoch}-rank{rank}.txt"
+    storage.write_text(storage.join(storage.location(key_dir), name), "\n".join(keys))
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def save_checkpoint(
+    folder: Path, model, optimizer, scheduler, card: dict, dataset, history, rank_nodes
+) -> None:
+    """A Ray Train checkpoint: the model directory of the epoch `history[-1]` records, plus
+    the optimiser and schedule state that resuming needs."""
+    from featx.checkpoint import save_model_dir, save_train_state
+
+    metrics = history[-1]
+    save_model_dir(
+        folder,
+        model,
+        card,
+        dataset,
+        {"last": metrics, "history": history},
+        extra={"epoch": metrics["epoch"], "rank_nodes": rank_nodes},
+    )
+    save_train_state(folder, optimizer, scheduler, metrics["epoch"])

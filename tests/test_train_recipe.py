@@ -1,0 +1,285 @@
+"""The training recipe's pieces without Ray or a process group: a rank's data, one epoch's
+steps, evaluation, and the checkpoint a restarted worker resumes from."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torch import nn
+
+from featx.train_data import RankData, share_of
+from featx.train_loop import (
+    evaluate,
+    reduce_metrics,
+    restore,
+    run_epoch,
+    save_checkpoint,
+    setup_data,
+    setup_optimizer,
+)
+
+CPU = torch.device("cpu")
+SIZES = [7, 7, 7, 7, 7, 3, 1]  # 5 full shards, a short one, a single sample
+
+
+class Tiny(nn.Module):
+    """Two features -> two logits, with featx's (x, lengths) call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x, lengths=None):
+        return self.fc(x)
+
+
+def batch(xs, labels, keys):
+    return torch.tensor(xs, dtype=torch.float32), None, torch.tensor(labels), keys
+
+
+def fallback_counter():
+    calls = []
+
+    def fallback():
+        calls.append(1)
+        return batch([[0.0, 0.0]], [0], [])
+
+    return fallback, calls
+
+
+@pytest.fixture
+def shards(tmp_path) -> list[tuple[str, int]]:
+    """Train shards of SIZES samples (keys s{shard}-{i}), as (url, samples) like the card's."""
+    found = []
+    (tmp_path / "train").mkdir()
+    for i, n in enumerate(SIZES):
+        url = str(tmp_path / "train" / f"shard-{i}.tar")
+        with wds.TarWriter(url) as w:
+            for j in range(n):
+                w.write({"__key__": f"s{i}-{j}", "txt": b"x", "cls": str(j % 2).encode()})
+        found.append((url, n))
+    return found
+
+
+EVERY = {f"s{i}-{j}" for i, n in enumerate(SIZES) for j in range(n)}
+
+
+def key_collate(samples):
+    return {
+        "x": torch.zeros(len(samples), 2),
+        "lengths": None,
+        "labels": torch.tensor([s["cls"] for s in samples]),
+        "keys": [s["__key__"] for s in samples],
+    }
+
+
+# -- a rank's data ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_shares_are_disjoint_complete_and_even(shards, world):
+    """Whole shards dealt to ranks, the leftovers shared by sample: every sample once per
+    epoch, on one rank, and the ranks' shares within one sample of each other."""
+    for seed in (None, 0, 1, 2):
+        shares = [
+            [s["__key__"] for s in share_of(shards, rank, world, seed, buffer=4)]
+            for rank in range(world)
+        ]
+        got = [k for share in shares for k in share]
+        assert sorted(got) == sorted(EVERY), seed  # each sample exactly once
+        counts = [len(share) for share in shares]
+        assert max(counts) - min(counts) <= 1, (seed, counts)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_rank_takes_the_same_steps_and_together_sees_every_sample(tmp_path, shards, world):
+    """The shards loader as a worker sets it up from the card: each rank yields exactly the
+    steps the card implies (None once its share runs out), and the real batches cover the
+    split once."""
+    card = {
+        "shards": [
+            {"shard": f"train/shard-{i}.tar", "split": "train", "samples": n}
+            for i, n in enumerate(SIZES)
+        ]
+    }
+    batch_size = 3
+    steps = max(1, math.ceil(sum(SIZES) / world / batch_size))  # as the worker computes it
+    data = setup_data("shards", card, tmp_path, ["train"], batch_size, CPU)
+    seen = []
+    for rank in range(world):
+        items = list(data.train_steps(key_collate, 7, rank, world, steps))
+        assert len(items) == steps, (rank, len(items))
+        real = [b for b in items if b is not None]
+        assert all(b is None for b in items[len(real) :]), "zero-weight steps come last"
+        for x, _, labels, keys in real:
+            assert x.device == CPU and len(labels) == len(keys) <= batch_size
+            seen += keys
+    assert sorted(seen) == sorted(EVERY)
+
+
+def test_a_dataset_that_grew_after_ingest_is_an_error(shards):
+    data = RankData("shards", {"train": shards}, 3, CPU)
+    with pytest.raises(RuntimeError, match="re-run `featx ingest`"):
+        list(data.train_steps(key_collate, 0, 0, 1, steps=2))  # the card would say 6 samples
+
+
+# -- one epoch ----------------------------------------------------------------------------------
+
+
+def test_run_epoch_counts_real_samples_and_steps_on_every_item():
+    """lr 0 keeps the model fixed, so the totals can be checked against the model itself;
+    the two trailing None items are zero-weight steps: stepped, not counted."""
+    torch.manual_seed(0)
+    model = Tiny()
+    optimizer, scheduler = setup_optimizer(model, 0.0, 0.0, 0.1, total_steps=8)
+    b1 = batch([[1.0, 0.0], [0.0, 1.0], [2.0, -1.0]], [0, 1, 1], ["a", "b", "c"])
+    b2 = batch([[-1.0, 1.0], [0.5, 0.5]], [1, 0], ["d", "e"])
+    fallback, calls = fallback_counter()
+    totals = run_epoch(
+        model,
+        optimizer,
+        scheduler,
+        [b1, b2, None, None],
+        label_smoothing=0.1,
+        grad_clip=1.0,
+        fallback=fallback,
+        keep_keys=True,
+    )
+    assert totals.seen == 5 and totals.keys == ["a", "b", "c", "d", "e"]
+    assert scheduler.last_epoch == 4  # every item was an optimizer step
+    assert not calls  # ran out after real batches: stepped on the last one, not the fallback
+    with torch.no_grad():
+        x = torch.cat([b1[0], b2[0]])
+        labels = torch.cat([b1[2], b2[2]])
+        logits = model(x)
+    expected = F.cross_entropy(logits, labels, label_smoothing=0.1, reduction="sum").item()
+    assert totals.loss_sum == pytest.approx(expected, rel=1e-5)
+    assert totals.correct == (logits.argmax(1) == labels).sum().item()
+
+    metrics, nodes = reduce_metrics(totals, 2.0, "node-a", 1, CPU)  # no process group
+    assert nodes == ["node-a"] and metrics["samples"] == 5
+    assert metrics["train_loss"] == pytest.approx(expected / 5, rel=1e-5)
+    assert metrics["samples_per_s_total"] == pytest.approx(2.5)
+
+
+def test_a_rank_without_data_steps_with_zero_weight():
+    """Fewer blocks than ranks: the rank still steps (the others' all-reduces need it), on the
+    fallback batch, and adds no gradient, so it pulls no replica anywhere."""
+    model = Tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer, scheduler = setup_optimizer(model, 0.1, 0.0, 0.1, total_steps=3)
+    fallback, calls = fallback_counter()
+    totals = run_epoch(
+        model,
+        optimizer,
+        scheduler,
+        [None, None, None],
+        label_smoothing=0.1,
+        grad_clip=1.0,
+        fallback=fallback,
+    )
+    assert totals.seen == 0 and totals.loss_sum == 0 and len(calls) == 3
+    assert scheduler.last_epoch == 3
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_run_epoch_learns():
+    torch.manual_seed(0)
+    model = Tiny()
+    before = model.fc.weight.detach().clone()
+    optimizer, scheduler = setup_optimizer(model, 0.05, 0.01, 0.1, total_steps=40)
+    x = torch.randn(64, 2)
+    labels = (x[:, 0] > 0).long()
+    batches = [(x[i : i + 16], None, labels[i : i + 16], []) for i in range(0, 64, 16)]
+    fallback, _ = fallback_counter()
+    losses = []
+    for _ in range(10):
+        t = run_epoch(
+            model,
+            optimizer,
+            scheduler,
+            batches,
+            label_smoothing=0.0,
+            grad_clip=1.0,
+            fallback=fallback,
+        )
+        losses.append(t.loss_sum / t.seen)
+        assert t.seen == 64 and not t.keys  # keys are kept only when asked for
+    assert not torch.equal(model.fc.weight, before)
+    assert losses[-1] < 0.6 * losses[0]
+    assert t.correct >= 54  # chance is 32 of 64
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+def test_evaluate_averages_over_samples_not_batches():
+    model = Tiny()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.eye(2))
+        model.fc.bias.zero_()
+    # logits equal x: [2, 0] (label 0, right), [0, 1] (label 0, wrong), [0, 3] (label 1, right)
+    batches = [batch([[2.0, 0.0], [0.0, 1.0]], [0, 0], []), batch([[0.0, 3.0]], [1], [])]
+    model.train()
+    got = evaluate(model, batches)
+    by_hand = (
+        math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1)) + math.log(1 + math.exp(-3))
+    ) / 3
+    assert got["val_loss"] == pytest.approx(by_hand, rel=1e-6)
+    assert got["val_accuracy"] == pytest.approx(2 / 3)
+    assert model.training  # handed back ready to train
+
+
+# -- checkpoint and resume ----------------------------------------------------------------------
+
+
+def test_a_restored_worker_continues_exactly_where_the_checkpoint_left_off(tmp_path):
+    """Weights, optimiser moments, schedule position, epoch and history all survive the
+    checkpoint: the next step from the restored state equals the next step without a restart."""
+    from featx.checkpoint import STATE_FILE
+    from featx.models import create_model
+
+    card = {
+        "modality": "image",
+        "classes": [0, 1],
+        "class_names": ["a", "b"],
+        "normalisation": {"image_size": 16},
+        "fingerprint": "test",
+    }
+
+    def fresh():
+        torch.manual_seed(1)
+        model = create_model("cnn", "image", 2, "small")
+        return model, *setup_optimizer(model, 1e-3, 0.01, 0.1, total_steps=20)
+
+    torch.manual_seed(0)
+    images = [(torch.randn(4, 3, 16, 16), None, torch.tensor([0, 1, 0, 1]), []) for _ in range(3)]
+    fallback, _ = fallback_counter()
+    step = dict(label_smoothing=0.1, grad_clip=1.0, fallback=fallback)
+
+    model, optimizer, scheduler = fresh()
+    run_epoch(model, optimizer, scheduler, images, **step)
+    history = [{"epoch": 1, "train_loss": 0.7}]
+    save_checkpoint(tmp_path, model, optimizer, scheduler, card, tmp_path, history, ["n0"])
+    assert (tmp_path / STATE_FILE).exists()
+
+    model2, optimizer2, scheduler2 = fresh()
+    epoch, restored_history = restore(tmp_path, model2, optimizer2, scheduler2)
+    assert epoch == 1 and restored_history == history
+    assert scheduler2.last_epoch == scheduler.last_epoch == 3
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+    moments = optimizer.state_dict()["state"]
+    for i, state in optimizer2.state_dict()["state"].items():
+        assert torch.equal(state["exp_avg"], moments[i]["exp_avg"])
+
+    run_epoch(model, optimizer, scheduler, images[:1], **step)
+    run_epoch(model2, optimizer2, scheduler2, images[:1], **step)
+    after = model2.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, after[k], atol=1e-6), k
