@@ -274,3 +274,15 @@ def make_collate(
         flip=flip,
         seed=seed,
     )
+
+
+def batched(items, size: int):
+    """Lists of `size` items (the last one shorter), as they arrive."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

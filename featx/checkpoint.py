@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from featx import __version__
-from featx.fsutil import atomic_write_text, sha256_file
+from featx.fsutil import atomic_path, atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -39,9 +39,8 @@ def save_model_dir(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = folder / f".{MODEL_FILE}.tmp"
-    torch.save(state, tmp)
-    tmp.replace(folder / MODEL_FILE)
+    with atomic_path(folder / MODEL_FILE) as tmp:
+        torch.save(state, tmp)
     tokenizer = None
     if card.get("tokenizer"):
         from featx import storage

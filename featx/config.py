@@ -323,11 +323,19 @@ class ExtractConfig(StageConfig):
         None,
         ge=1,
         le=1024,
-        description="Model actors. Each loads the model once; together they get every CPU but "
-        "the half CPU kept for reading shards. Default: 1 with --gpu; on CPUs 2 (one decodes "
-        "while another runs the model), about one per 4 CPUs on larger machines.",
+        description="Model actors (with the Ray engine). Each loads the model once and embeds "
+        "whole shards; together they get every CPU. Default: 1 with --gpu; on CPUs 2 (one "
+        "decodes while another runs the model), about one per 4 CPUs on larger machines, and "
+        "never more than there are shards.",
     )
     gpu: bool = Field(False, description="One GPU per actor (the Ray cluster needs GPUs).")
+    engine: Literal["auto", "ray", "local"] = Field(
+        "auto",
+        description="Where the model runs: `ray`, a Ray Data actor pool, one task per shard "
+        "(a cluster, or a large job); `local`, this process, without Ray's start-up (a small "
+        "job); `auto`, local when no Ray cluster is named and at most 20,000 samples are "
+        "pending, else ray.",
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster address; default: RAY_ADDRESS, else a local Ray."
     )
@@ -372,6 +380,11 @@ class ProbeConfig(StageConfig):
         "workers",
         description="Baseline extraction: model actors; default: extract's (2 on CPUs, about "
         "one per 4 CPUs on larger machines).",
+    )
+    engine: Literal["auto", "ray", "local"] = field_from(
+        ExtractConfig,
+        "engine",
+        description="Baseline extraction: where the model runs (as `featx extract --engine`).",
     )
     ray_address: str | None = field_from(
         ExtractConfig,

@@ -87,15 +87,19 @@ def make_table(
     return pa.Table.from_arrays(columns, schema=schema(dim, metadata))
 
 
-def write_part(path: Path, table: pa.Table) -> None:
-    """Write a part atomically: a hidden temporary in the same folder, fsync, rename.
-
-    A part is at most one shard's rows (about a megabyte), so it is built in memory and handed
-    to `atomic_write_bytes`; a reader never sees a partial file.
-    """
+def encode_part(table: pa.Table) -> bytes:
+    """A part's Parquet bytes. A part is at most one shard's rows (about a megabyte), so it is
+    built in memory where the rows are made, and written whole by `write_part`."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_part(path: Path, part: pa.Table | bytes) -> None:
+    """Write a part (a table, or `encode_part`'s bytes) atomically: a hidden temporary in the
+    same folder, fsync, rename; a reader never sees a partial file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, part if isinstance(part, bytes) else encode_part(part))
 
 
 def part_metadata(path: Path) -> dict[str, str]:

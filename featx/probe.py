@@ -255,6 +255,7 @@ def _baseline_features(cfg: ProbeConfig, features_dir: Path, manifest: dict, dat
             out=out,
             batch_size=cfg.batch_size,
             workers=cfg.workers,
+            engine=cfg.engine,
             ray_address=cfg.ray_address,
             overwrite=overwrite,
         )

@@ -1,7 +1,7 @@
 """The training recipe's pure parts: optimiser groups, learning-rate schedule, early stopping.
 
 Plain functions of the model and the epoch history, so they run (and are tested) without Ray
-or a process group; `featx.train` calls them inside each Ray Train worker.
+or a process group; `featx.train_loop` calls them inside each Ray Train worker.
 """
 
 from __future__ import annotations

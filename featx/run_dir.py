@@ -10,6 +10,7 @@ from pathlib import Path
 
 from featx import storage
 from featx.checkpoint import META_FILE, STATE_FILE
+from featx.fsutil import atomic_path, atomic_write_text
 
 RAY_RUN = "ray"  # Ray Train's run folder inside RUN_DIR
 KEYS_DIR = "keys"  # per-epoch, per-rank sample keys (`--log-keys`)
@@ -74,8 +75,6 @@ def publish(out: Path) -> None:
 def write_metrics(out: Path, history: list[dict]) -> None:
     import pandas as pd
 
-    from featx.fsutil import atomic_write_text
-
     fields = sorted({k for row in history for k in row}, key=_metric_order)
     text = pd.DataFrame(history, columns=fields).to_csv(index=False, float_format="%.6g")
     atomic_write_text(out / "metrics.csv", text)
@@ -105,7 +104,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)

@@ -106,7 +106,7 @@ def share_of(shards: list[tuple[str, int]], rank: int, world: int, seed: int | N
 
     import webdataset as wds
 
-    from featx.dataset import decode_sample
+    from featx.dataset import decode_sample, shard_samples
 
     rng = random.Random(seed)
     order = list(shards)
@@ -119,9 +119,7 @@ def share_of(shards: list[tuple[str, int]], rank: int, world: int, seed: int | N
         for url, _ in order:
             if owner[url] not in (rank, None):
                 continue
-            for s in wds.tariterators.group_by_keys(
-                wds.tariterators.tar_file_expander(opened([url]))
-            ):
+            for s in shard_samples(url):
                 if owner[url] is None:
                     shared += 1
                     if (shared - 1) % world != rank:
@@ -134,7 +132,7 @@ def share_of(shards: list[tuple[str, int]], rank: int, world: int, seed: int | N
         # `buffer`, so an epoch's first batch is not held back by a full buffer's reads.
         mine = wds.filters.shuffle(buffer, initial=min(buffer, 100), rng=rng)(mine)
     for s in mine:
-        yield decode_sample({k: v for k, v in s.items() if k != "__url__"})
+        yield decode_sample(s)
 
 
 def owners(order: list[tuple[str, int]], world: int) -> dict[str, int | None]:
@@ -150,21 +148,10 @@ def owners(order: list[tuple[str, int]], world: int) -> dict[str, int | None]:
     return owner
 
 
-def opened(urls):
-    for url in urls:
-        with storage.open_input(url) as stream:
-            yield {"url": url, "stream": stream}
-
-
 def collated(samples, collate, batch_size: int):
-    batch = []
-    for s in samples:
-        batch.append(s)
-        if len(batch) == batch_size:
-            yield collate(batch)
-            batch = []
-    if batch:
-        yield collate(batch)
+    from featx.batching import batched
+
+    return (collate(batch) for batch in batched(samples, batch_size))
 
 
 def prefetch(items, depth: int = 2):

@@ -126,10 +126,14 @@ def run_dir(image_ds, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.fixture(scope="module")
-def features(ray_cluster, image_ds, run_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("feat") / "features"
-    summary = extract(image_ds, run_dir, out, batch_size=8)
+@pytest.fixture(scope="module", params=["ray", "local"])
+def features(request, ray_cluster, image_ds, run_dir, tmp_path_factory):
+    """Features of the image dataset, embedded by a Ray Data actor pool or in this process:
+    every test of the output holds for both engines."""
+    out = tmp_path_factory.mktemp(f"feat-{request.param}") / "features"
+    cfg = dict(dataset=image_ds, checkpoint=run_dir, out=out, batch_size=8)
+    summary = extract(ExtractConfig.parse(**cfg, engine=request.param))
+    assert summary.engine == request.param
     return out, summary
 
 
@@ -144,7 +148,11 @@ def test_bad_options_are_all_reported_at_once(tmp_path):
         )
     assert {p.split(":")[0] for p in e.value.problems} == {"batch_size", "workers"}
     with pytest.raises(ConfigError) as e:
-        extract(tmp_path / "nope", tmp_path / "nothing", tmp_path / "out")
+        extract(
+            ExtractConfig.parse(
+                dataset=tmp_path / "nope", checkpoint=tmp_path / "nothing", out=tmp_path / "out"
+            )
+        )
     msg = str(e.value)
     assert "featx ingest" in msg and "checkpoint" in msg
     assert not (tmp_path / "out").exists()  # nothing was created
@@ -155,16 +163,20 @@ def test_checkpoint_of_another_modality_is_refused(image_ds, tmp_path):
     model = create_model("cnn", "text", 3, vocab_size=100)
     save_model_dir(tmp_path / "text_model", model, load_card(image_ds), image_ds, metrics={})
     with pytest.raises(ConfigError, match="is a text model but .* holds image samples"):
-        extract(image_ds, tmp_path / "text_model", tmp_path / "out")
+        extract(
+            ExtractConfig.parse(
+                dataset=image_ds, checkpoint=tmp_path / "text_model", out=tmp_path / "out"
+            )
+        )
 
 
 def test_a_folder_that_is_not_features_is_refused(image_ds, run_dir, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds no featx features"):
-        extract(image_ds, run_dir, tmp_path / "out")
+        extract(ExtractConfig.parse(dataset=image_ds, checkpoint=run_dir, out=tmp_path / "out"))
     with pytest.raises(ConfigError, match="dataset folder"):
-        extract(image_ds, run_dir, image_ds)
+        extract(ExtractConfig.parse(dataset=image_ds, checkpoint=run_dir, out=image_ds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +237,7 @@ def test_rerun_is_a_noop_and_the_cli_says_up_to_date(features, image_ds, run_dir
 
     out, _ = features
     before = visible_files(out)
-    again = extract(image_ds, run_dir, out)
+    again = extract(ExtractConfig.parse(dataset=image_ds, checkpoint=run_dir, out=out))
     assert again.up_to_date and again.files_written == 0 and again.rows == 0
     assert again.files_skipped == len(shard_keys(image_ds))
     r = CliRunner().invoke(
@@ -278,9 +290,9 @@ def test_another_checkpoint_is_refused_unless_overwrite(features, image_ds, tmp_
     before = visible_files(out)
     other = save_checkpoint(tmp_path / "other", image_ds, seed=1, fingerprint="f" * 64)
     with pytest.raises(ConfigError, match="another checkpoint.*--overwrite"):
-        extract(image_ds, other, out)
+        extract(ExtractConfig.parse(dataset=image_ds, checkpoint=other, out=out))
     assert visible_files(out) == before
-    s = extract(image_ds, other, out, overwrite=True)
+    s = extract(ExtractConfig.parse(dataset=image_ds, checkpoint=other, out=out, overwrite=True))
     assert s.files_written == len(shard_keys(image_ds)) and s.files_skipped == 0
     assert any("trained on another dataset" in w for w in s.warnings)  # warned, not refused
     assert "trained on another dataset" in caplog.text
@@ -326,7 +338,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_sample_exactly_once(
         rel = str(p.relative_to(out))
         assert pq.read_table(p)["key"].to_pylist() == expected[rel]
     killed_with = len(list(out.glob("*/part-*.parquet")))
-    s = extract(image_ds, run_dir, out)
+    s = extract(ExtractConfig.parse(dataset=image_ds, checkpoint=run_dir, out=out))
     assert s.files_skipped == killed_with and s.files_written == len(expected) - killed_with
     _, df = read_features(out)
     all_keys = [k for keys in expected.values() for k in keys]
@@ -346,7 +358,16 @@ def test_unlabelled_text_gives_null_labels_and_matches_a_plain_loop(ray_cluster,
         )
     )
     model_dir = save_checkpoint(tmp_path / "model", ds, seed=0)
-    s = extract(ds, model_dir, tmp_path / "features", batch_size=4, workers=2)
+    s = extract(
+        ExtractConfig.parse(
+            dataset=ds,
+            checkpoint=model_dir,
+            out=tmp_path / "features",
+            batch_size=4,
+            workers=2,
+            engine="ray",
+        )
+    )
     assert s.rows == 30
     X, df = read_features(tmp_path / "features")
     assert df["label"].isna().all() and df["label_name"].isna().all()

@@ -693,11 +693,11 @@ def _expect_same_features(reference: Path, out: Path, dataset: Path, fault_figur
 @pytest.fixture(scope="module")
 def reference_features(ray_cluster, image_dataset, tmp_path_factory) -> Path:
     """Features of an uninterrupted extraction (in this process, on the module's Ray)."""
-    from featx.extract import extract
+    from featx.extract import ExtractConfig, extract
 
     dataset, model_dir = image_dataset
     out = tmp_path_factory.mktemp("faults-reference") / "features"
-    extract(dataset, model_dir, out, batch_size=4)
+    extract(ExtractConfig.parse(dataset=dataset, checkpoint=model_dir, out=out, batch_size=4))
     return out
 
 
@@ -749,7 +749,7 @@ def test_extract_sigkill_at_seeded_moments_resumes_exactly_once(
 def test_extract_actor_killed_mid_run_is_retried_exactly_once(
     ray_cluster, image_dataset, reference_features, tmp_path, fault_figures
 ):
-    """SIGKILL the Ray Data actor that embeds (`_Embedder`) once parts are being written: Ray
+    """SIGKILL the Ray Data actor that embeds (`ShardEmbedder`) once parts are being written: Ray
     restarts it and retries its tasks, featx finishes, and the output is exactly once. One
     actor (`--workers 1`), so the run can only finish if the killed actor comes back."""
     dataset, model_dir = image_dataset
@@ -757,11 +757,11 @@ def test_extract_actor_killed_mid_run_is_retried_exactly_once(
     n_parts = len(list(dataset.glob("*/shard-*.tar")))
     cmd = ("extract", dataset, "--checkpoint", model_dir, "--out", out, "--batch-size", "4")
     cmd += ("--workers", "1")
-    earlier = set(own_processes("_Embedder"))  # a previous test's actor may still be exiting
+    earlier = set(own_processes("ShardEmbedder"))  # a previous test's actor may still be exiting
     proc = start_featx(*cmd, "--ray-address", ray_cluster, log=log)
     try:
         wait_for(lambda: list(out.glob("*/part-*.parquet")), 120, "a first part", proc, log)
-        actors = set(own_processes("_Embedder")) - earlier
+        actors = set(own_processes("ShardEmbedder")) - earlier
         assert len(actors) == 1, actors
         victim = next(iter(actors))
         parts_at_kill = len(list(out.glob("*/part-*.parquet")))
@@ -769,7 +769,9 @@ def test_extract_actor_killed_mid_run_is_retried_exactly_once(
         fault_figures.fault("Ray Data actor killed")
         # Ray restarts the actor (a new process) and retries the tasks it had in flight.
         restarted = wait_for(
-            lambda: set(own_processes("_Embedder")) - earlier - {victim} or proc.poll() is not None,
+            lambda: (
+                set(own_processes("ShardEmbedder")) - earlier - {victim} or proc.poll() is not None
+            ),
             120,
             "a restarted actor",
         )

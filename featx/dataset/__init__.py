@@ -31,6 +31,7 @@ from featx.dataset.shards import (
     finished_shards,
     read_stats,
     remove_partials,
+    shard_samples,
     tar_members,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "read_stats",
     "remove_partials",
     "sample_key",
+    "shard_samples",
     "shard_name",
     "split_of",
     "stats_path",

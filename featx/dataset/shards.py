@@ -15,6 +15,7 @@ import shutil
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from featx import storage
@@ -143,6 +144,17 @@ class ShardWriter:
 
 def read_stats(tar) -> dict:
     return json.loads(storage.read_text(stats_path(tar)))
+
+
+def shard_samples(url) -> Iterator[dict]:
+    """The raw samples of one shard (a local path or a URI), in shard order: `{"__key__",
+    ext: bytes, ...}` as webdataset groups a tar's members; pass each to `decode_sample`."""
+    import webdataset as wds
+
+    with storage.open_input(url) as stream:
+        members = wds.tariterators.tar_file_expander([{"url": str(url), "stream": stream}])
+        for sample in wds.tariterators.group_by_keys(members):
+            yield {k: v for k, v in sample.items() if k != "__url__"}
 
 
 def decode_sample(sample: dict) -> dict:

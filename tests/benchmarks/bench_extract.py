@@ -128,18 +128,21 @@ def run_plain(dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> di
     }
 
 
-def run_featx(dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> dict:
-    """featx with its defaults: starts its own local Ray, one actor, Ray Data streaming."""
+def run_featx(
+    dataset: Path, checkpoint: Path, out: Path, batch_size: int, engine: str = "auto"
+) -> dict:
+    """featx with its defaults (or `engine`): a small job in this process, a larger one on the
+    local Ray it starts, one Ray Data task per shard."""
     t0 = time.perf_counter()
+    from featx.config import ExtractConfig
     from featx.extract import extract
 
     marks: list[tuple[float, int]] = []
     t_call = time.perf_counter()
     s = extract(
-        dataset,
-        checkpoint,
-        out,
-        batch_size=batch_size,
+        ExtractConfig.parse(
+            dataset=dataset, checkpoint=checkpoint, out=out, batch_size=batch_size, engine=engine
+        ),
         progress=lambda done, total: marks.append((time.perf_counter(), done)),
     )
     end = time.perf_counter()
@@ -151,6 +154,7 @@ def run_featx(dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> di
         "first_row_seconds": marks[0][0] - t0,  # first embeddings back at the driver
         "first_file_seconds": t_call - t0 + s.first_file_seconds,
         "files": s.files_written,
+        "engine": s.engine,
         "in_run_samples_per_s": in_run_rate(marks, s.rows),
     }
 
@@ -173,19 +177,25 @@ def in_run_rate(marks: list[tuple[float, int]], total: int) -> float | None:
 
 
 def child(args) -> None:
-    fn = run_plain if args.run == "plain" else run_featx
+    paths = (Path(args.dataset), Path(args.checkpoint), Path(args.out))
     with TreeMemory(every_s=0.5) as mem:
-        r = fn(Path(args.dataset), Path(args.checkpoint), Path(args.out), args.batch_size)
+        if args.run == "plain":
+            r = run_plain(*paths, args.batch_size)
+        else:
+            r = run_featx(*paths, args.batch_size, args.engine)
     r["peak_pss_mb"], r["peak_rss_mb"] = mem.peak_pss_mb, mem.peak_rss_mb
     r["memory_sampler_cpu_s"] = round(mem.cpu_s, 2)
     print("RESULT " + json.dumps(r))
 
 
-def measure(kind: str, dataset: Path, checkpoint: Path, out: Path, batch_size: int) -> dict:
+def measure(
+    kind: str, dataset: Path, checkpoint: Path, out: Path, batch_size: int, engine: str
+) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         *(sys.executable, __file__, "--run", kind, "--dataset", str(dataset)),
         *("--checkpoint", str(checkpoint), "--out", str(out), "--batch-size", str(batch_size)),
+        *("--engine", engine),
     ]
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -210,6 +220,12 @@ def main() -> dict:
         help="data sizes as multiples of --n, comma-separated (1 and the largest always run)",
     )
     ap.add_argument("--workdir", type=Path, help="Keep generated data here (default: a temp dir).")
+    ap.add_argument(
+        "--engine",
+        choices=["auto", "ray", "local"],
+        default="auto",
+        help="featx's --engine (auto: what a user gets by default)",
+    )
     ap.add_argument("--json", type=Path, help="Also write the result to this file.")
     ap.add_argument("--run", choices=["plain", "featx"], help=argparse.SUPPRESS)
     ap.add_argument("--dataset", help=argparse.SUPPRESS)
@@ -231,6 +247,7 @@ def main() -> dict:
         "image_size": 64,
         "cores": os.cpu_count(),
         "batch_size": args.batch_size,
+        "engine": args.engine,
         "repeats": args.repeats,
         "scales": {},
     }
@@ -249,6 +266,7 @@ def main() -> dict:
                         tmp / f"model-{n}",
                         tmp / f"out-{kind}",
                         args.batch_size,
+                        args.engine,
                     )
                 )
                 assert done[-1]["rows"] == n, (kind, done[-1])
@@ -271,6 +289,7 @@ def main() -> dict:
                 "featx_first_file_seconds": median(f, "first_file_seconds"),
                 "plain_first_file_seconds": median(p, "first_file_seconds"),
                 "featx_files": f[0]["files"],
+                "featx_engine": f[0].get("engine"),
                 "featx_peak_pss_mb": median(f, "peak_pss_mb"),
                 "featx_peak_rss_mb": median(f, "peak_rss_mb"),
                 "plain_peak_pss_mb": median(p, "peak_pss_mb"),

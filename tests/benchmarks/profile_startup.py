@@ -66,9 +66,10 @@ from ray.train.torch import TorchTrainer
 
 if os.environ.get("PROFILE_TRAINER") == "featx":  # as `featx train` starts Ray and the trainer
     from featx.cluster import env_defaults, init_ray
-    from featx.train import _fit_env, _trainer_class
+    from featx.ray_compat import trainer_class
+    from featx.train import _fit_env
     init_ray(None, prestart=False)
-    Trainer, fit_env = _trainer_class(datasets=False, local=True), _fit_env(True)
+    Trainer, fit_env = trainer_class(datasets=False, local=True), _fit_env(True)
 else:
     from contextlib import nullcontext as env_defaults
     ray.init(include_dashboard=False, logging_level=logging.WARNING)
