@@ -35,7 +35,7 @@ from featx.features import (
     write_manifest,
     write_part,
 )
-from featx.fsutil import exclusive
+from featx.fsutil import exclusive, remove_temporaries
 from featx.storage import is_uri
 
 log = logging.getLogger(__name__)
@@ -199,14 +199,7 @@ def _pending(dataset, out: Path, sha: str) -> tuple[list[ShardTask], list[int]]:
 
 def _remove_partials(out: Path) -> int:
     """Delete hidden temporaries left by a killed run (a visible part is always complete)."""
-    n = 0
-    for folder in (out, *(out / s for s in SPLITS)):
-        if folder.is_dir():
-            for p in folder.iterdir():
-                if p.name.startswith(".") and ".tmp" in p.name:
-                    p.unlink()
-                    n += 1
-    return n
+    return sum(remove_temporaries(folder) for folder in (out, *(out / s for s in SPLITS)))
 
 
 def _clear(out: Path) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +90,18 @@ def exclusive(folder: Path, what: str):
                 [f"out: another featx {what} is writing to {folder}; wait for it to finish"]
             ) from None
         yield
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete the hidden temporaries (`.NAME.tmp...`, files or folders) that a killed run left
+    in `folder`; returns how many. Finished files never carry such a name, so none is touched.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    n = 0
+    for p in folder.iterdir():
+        if p.name.startswith(".") and ".tmp" in p.name:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            n += 1
+    return n

@@ -18,7 +18,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from featx import __version__
@@ -26,16 +25,17 @@ from featx import normalize as N
 from featx.config import IngestConfig
 from featx.dataset import (
     CARD,
-    FORMAT,
     REJECTED,
     SPLITS,
     TOKENIZER,
     ShardWriter,
+    build_card,
     finished_shards,
     payload_ext,
     read_stats,
     remove_partials,
     split_of,
+    write_card,
 )
 from featx.dataset import reasons as R
 from featx.decode_pool import decode
@@ -155,8 +155,23 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         by_reason = dict(sorted(Counter(r.reason for r in rejects).items()))
         up_to_date = not new_shards and not rejected_changed and (out / CARD).exists()
         if not up_to_date:
-            card = _card(cfg, modality, layout, classes, stats, by_reason, tokenizer)
-            atomic_write_text(out / CARD, json.dumps(card, indent=2) + "\n")
+            write_card(
+                out,
+                build_card(
+                    modality=modality,
+                    layout=layout,
+                    source=str(cfg.src),
+                    classes=classes,
+                    normalisation={
+                        **cfg.normalisation(),
+                        "payload": payload_ext(modality, cfg.image_format),
+                    },
+                    stats=stats,
+                    rejected=by_reason,
+                    tokenizer=tokenizer,
+                    featx_version=__version__,
+                ),
+            )
     return IngestSummary(
         out=str(out),
         modality=modality,
@@ -411,40 +426,6 @@ def _check_compatible(cfg: IngestConfig, prior: list[dict], modality: str) -> No
             )
     if problems:
         raise ConfigError(problems)
-
-
-def _card(cfg, modality, layout, classes, stats, by_reason, tokenizer) -> dict:
-    counts: dict[str, dict] = {}
-    index = {i: name for name, i in classes.items()}
-    for st in stats:
-        c = counts.setdefault(st["split"], {"total": 0, "per_class": {}})
-        c["total"] += st["samples"]
-        for e in st["entries"]:
-            name = e["label"] if e["label"] is not None else "(unlabelled)"
-            c["per_class"][name] = c["per_class"].get(name, 0) + 1
-    for c in counts.values():
-        c["per_class"] = dict(sorted(c["per_class"].items()))
-    shards = [{k: st[k] for k in ("shard", "split", "samples", "bytes", "sha256")} for st in stats]
-    fingerprint = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
-    return {
-        "format": FORMAT,
-        "featx_version": __version__,
-        "modality": modality,
-        "layout": layout,
-        "source": str(cfg.src),
-        "classes": classes,
-        "class_names": [index[i] for i in sorted(index)],
-        "counts": dict(sorted(counts.items())),
-        "normalisation": {
-            **cfg.normalisation(),
-            "payload": payload_ext(modality, cfg.image_format),
-        },
-        "tokenizer": tokenizer,
-        "shards": shards,
-        "fingerprint": fingerprint,
-        "rejected": {"total": sum(by_reason.values()), "by_reason": by_reason, "file": REJECTED},
-        "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def _write_if_changed(path: Path, text: str) -> bool:

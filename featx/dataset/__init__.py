@@ -8,10 +8,10 @@ hash of its content and source path, its split a hash of its key.
 - `layout`: file names, splits, payload extensions, keys and splits of samples;
 - `reasons`: the closed set of reasons an input is rejected for;
 - `shards`: the tar framing, the atomic shard writer, shard listing, `decode_sample`;
-- `card`: loading the card.
+- `card`: building, writing and loading the card.
 """
 
-from featx.dataset.card import load_card
+from featx.dataset.card import build_card, load_card, write_card
 from featx.dataset.layout import (
     CARD,
     FORMAT,
@@ -43,6 +43,7 @@ __all__ = [
     "SPLITS",
     "TOKENIZER",
     "ShardWriter",
+    "build_card",
     "decode_sample",
     "finished_shards",
     "load_card",
@@ -55,4 +56,5 @@ __all__ = [
     "split_of",
     "stats_path",
     "tar_members",
+    "write_card",
 ]

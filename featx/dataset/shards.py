@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import tarfile
 import time
 from collections import Counter
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from featx import storage
 from featx.dataset.layout import PAYLOADS, shard_name, stats_path
-from featx.fsutil import atomic_write_text, fsync_dir, sha256_file
+from featx.fsutil import atomic_write_text, fsync_dir, remove_temporaries, sha256_file
 
 
 def finished_shards(out, split: str) -> list:
@@ -35,14 +34,14 @@ def finished_shards(out, split: str) -> list:
 def remove_partials(out: Path) -> int:
     """Delete temporaries (files and folders) and tars without stats left by a killed run;
     returns how many."""
-    n = 0
     if not out.is_dir():
         return 0
+    n = 0
     for folder in [out, *(p for p in out.iterdir() if p.is_dir() and p.name[0] != ".")]:
-        for p in folder.iterdir():
-            orphan = p.suffix == ".tar" and not stats_path(p).exists()
-            if (p.name.startswith(".") and ".tmp" in p.name) or orphan:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        n += remove_temporaries(folder)
+        for tar in folder.glob("*.tar"):
+            if not stats_path(tar).exists():
+                tar.unlink()
                 n += 1
     return n
 
