@@ -76,9 +76,7 @@ def extract(
     if is_uri(cfg.out):
         # Parts are written locally and pushed to the store after the manifest naming their
         # model; a part in the store is complete (objects appear whole).
-        if cfg.overwrite:
-            storage.clear(cfg.out)
-        with storage.staged_output(cfg.out, last=("*.parquet",)) as local:
+        with storage.staged_output(cfg.out, last=("*.parquet",), overwrite=cfg.overwrite) as local:
             summary = extract(cfg.model_copy(update={"out": local, "overwrite": False}), progress)
         summary.out = storage.display(cfg.out)
         return summary

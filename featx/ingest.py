@@ -200,9 +200,8 @@ def _ingest_to_store(cfg: IngestConfig, progress) -> IngestSummary:
     names = {i.base_name for i in top}
     if names and not names & {CARD, *SPLITS}:
         raise ConfigError([f"out: {storage.display(uri)} holds objects but no featx shards"])
-    if cfg.overwrite:
-        storage.clear(uri)
-    with storage.staged_output(uri, last=("*/*_stats.json", TOKENIZER, REJECTED, CARD)) as local:
+    last = ("*/*_stats.json", TOKENIZER, REJECTED, CARD)
+    with storage.staged_output(uri, last=last, overwrite=cfg.overwrite) as local:
         summary = ingest(cfg.model_copy(update={"out": local, "overwrite": False}), progress)
     summary.out = storage.display(uri)
     return summary

@@ -359,16 +359,22 @@ def delete_tree(loc) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(loc, *, last: tuple[str, ...] = (), skip: tuple[str, ...] = ()):
-    """Yield a local folder to write `loc`'s output into; push it to `loc` afterwards.
+def staged_output(
+    loc, *, last: tuple[str, ...] = (), skip: tuple[str, ...] = (), overwrite: bool = False
+):
+    """Yield a local folder to write `loc`'s output into; push it to `loc` afterwards: how
+    every stage writes to an object store.
 
-    A local `loc` is yielded as it is. For a URI, the staging folder is first brought up to date
-    with what the store holds (so work done elsewhere is not redone), and pushed when the block
-    ends, also when it fails, so finished files of a failed run are kept.
+    A local `loc` is yielded as it is. For a URI, `overwrite` first deletes what the store and
+    the staging folder hold (`clear`); then the staging folder is brought up to date with what
+    the store holds (so work done elsewhere is not redone), and pushed when the block ends,
+    also when it fails, so finished files of a failed run are kept.
     """
     if not is_uri(loc):
         yield Path(loc)
         return
+    if overwrite:
+        clear(loc)
     local = staging(loc)
     n = pull(loc, local, skip=skip)
     if n:

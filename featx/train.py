@@ -74,9 +74,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         return _train(cfg, cfg.out.resolve(), None, t0)
     # An object store: Ray Train writes checkpoints there directly (from any node); the driver
     # keeps a local mirror for run.json, best/ and the curves, and pushes them back.
-    if cfg.overwrite:
-        storage.clear(cfg.out)
-    with storage.staged_output(cfg.out, last=("best/featx.json",)) as local:
+    with storage.staged_output(
+        cfg.out, last=("best/featx.json",), overwrite=cfg.overwrite
+    ) as local:
         result = _train(cfg.model_copy(update={"overwrite": False}), local, cfg.out, t0)
     result.run_dir = storage.display(cfg.out)
     result.best_dir = storage.display(storage.join(cfg.out, "best"))

@@ -209,6 +209,35 @@ def test_no_secret_reaches_outputs_staging_or_logs(s3, pipeline):
     assert not leaks
 
 
+def test_extract_overwrite_on_the_store_replaces_the_features_of_another_model(
+    s3, pipeline, tmp_path
+):
+    """Features in the bucket from one model; another model into the same prefix is refused,
+    and with --overwrite every part in the store comes from the new model, none left over."""
+    import torch
+
+    from featx.checkpoint import load_model, save_model_dir
+    from featx.features import part_metadata
+
+    _, ds, run, _, *_ = pipeline
+    feats = f"s3://{BUCKET}/features-overwrite"
+    first = extract(ExtractConfig.parse(dataset=ds, checkpoint=run, out=feats))
+    model, _ = load_model(run)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    other = tmp_path / "other"
+    save_model_dir(other, model, load_card(ds), ds, metrics={})
+    with pytest.raises(ConfigError, match="another checkpoint"):
+        extract(ExtractConfig.parse(dataset=ds, checkpoint=other, out=feats))
+    again = extract(ExtractConfig.parse(dataset=ds, checkpoint=other, out=feats, overwrite=True))
+    assert again.rows == first.rows == 48
+    parts = [k for k in objects(s3, "features-overwrite") if k.endswith(".parquet")]
+    local = storage.local_copy(feats)
+    shas = {part_metadata(local / k)["checkpoint_sha256"] for k in parts}
+    manifest = json.loads(storage.read_text(f"{feats}/{MANIFEST}"))
+    assert shas == {manifest["checkpoint_sha256"]} and len(parts) == first.files_written
+
+
 def test_an_unknown_scheme_or_a_non_featx_prefix_is_refused(s3, tmp_path):
     src = text_source(tmp_path / "src", n=4)
     with pytest.raises(ConfigError, match="nosuch://"):
