@@ -30,6 +30,7 @@ from featx.dataset import (
     ShardWriter,
     build_card,
     finished_shards,
+    load_card,
     payload_ext,
     read_stats,
     remove_partials,
@@ -149,35 +150,38 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         rejected_changed = _write_if_changed(
             out / REJECTED, "".join(json.dumps(r.record()) + "\n" for r in rejects)
         )
+        # The card on disk may lag the shards: a run killed after its shards and before its
+        # card. So it is rebuilt from the shards every run and rewritten when it differs.
+        old = load_card(out) if (out / CARD).exists() else None
         tokenizer = None
         if modality == "text":
             tokenizer = TOKENIZER
-            if any(st["split"] == "train" for st in new_shards) or not (out / TOKENIZER).exists():
+            fitted_on = _train_shards(old["shards"]) if old else None
+            if _train_shards(stats) != fitted_on or not (out / TOKENIZER).exists():
                 from featx.tokenizer import fit_tokenizer, shard_texts
 
                 fit_tokenizer(
                     shard_texts(finished_shards(out, "train")), cfg.vocab_size, out / TOKENIZER
                 )
         by_reason = dict(sorted(Counter(r.reason for r in rejects).items()))
-        up_to_date = not new_shards and not rejected_changed and (out / CARD).exists()
-        if not up_to_date:
-            write_card(
-                out,
-                build_card(
-                    modality=modality,
-                    layout=layout,
-                    source=str(cfg.src),
-                    classes=classes,
-                    normalisation={
-                        **cfg.normalisation(),
-                        "payload": payload_ext(modality, cfg.image_format),
-                    },
-                    stats=stats,
-                    rejected=by_reason,
-                    tokenizer=tokenizer,
-                    featx_version=__version__,
-                ),
-            )
+        card = build_card(
+            modality=modality,
+            layout=layout,
+            source=str(cfg.src),
+            classes=classes,
+            normalisation={
+                **cfg.normalisation(),
+                "payload": payload_ext(modality, cfg.image_format),
+            },
+            stats=stats,
+            rejected=by_reason,
+            tokenizer=tokenizer,
+            featx_version=__version__,
+        )
+        card_changed = old is None or _card_content(old) != _card_content(card)
+        if card_changed:
+            write_card(out, card)
+        up_to_date = not new_shards and not rejected_changed and not card_changed
     return IngestSummary(
         out=str(out),
         modality=modality,
@@ -291,6 +295,16 @@ def _entry(item: Item, res: N.Normalised) -> dict:
 
 def _finished(out: Path) -> list[dict]:
     return [read_stats(p) for s in SPLITS for p in finished_shards(out, s)]
+
+
+def _train_shards(shards: list[dict]) -> dict[str, str]:
+    """Train shard -> sha256, of a card's shard list or of the shards' stats."""
+    return {s["shard"]: s["sha256"] for s in shards if s["split"] == "train"}
+
+
+def _card_content(card: dict) -> dict:
+    """What a card says about the data: all but when and by which featx it was written."""
+    return {k: v for k, v in card.items() if k not in ("updated_at", "featx_version")}
 
 
 def _write_if_changed(path: Path, text: str) -> bool:

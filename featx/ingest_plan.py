@@ -64,17 +64,18 @@ def _hash(source: str) -> bytes:
 def pending_inputs(out: Path, items: list[Item], rejects: list[Reject], prior: list[dict]):
     """Inputs that no finished shard holds, minus rejects cached from earlier runs: decode
     rejects from rejected.jsonl, and every reject a finished shard recorded (a run killed
-    before writing rejected.jsonl must not decode and count those inputs again)."""
+    before writing rejected.jsonl must not decode and count those inputs again). Transient
+    rejects (unreadable, out of memory, a crashed decoder) are not cached: tried again."""
     done = {e["source"]: e for st in prior for e in st["entries"]}
     cached = {}
     if (out / REJECTED).exists():
         for line in (out / REJECTED).read_text().splitlines():
             r = json.loads(line)
-            if r["reason"] not in (R.DUPLICATE, R.CRASHED) and r.get("mtime_ns"):
+            if r["reason"] not in R.TRANSIENT | {R.DUPLICATE} and r.get("mtime_ns"):
                 cached[(r["source"], r.get("size"), r["mtime_ns"])] = r
     for st in prior:
         for r in st.get("rejects", []):
-            if r["reason"] != R.CRASHED and r.get("mtime_ns"):
+            if r["reason"] not in R.TRANSIENT and r.get("mtime_ns"):
                 cached[(r["source"], r.get("size"), r["mtime_ns"])] = r
     pending = []
     for it in items:

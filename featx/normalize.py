@@ -35,6 +35,7 @@ from featx.dataset.reasons import (  # noqa: F401 (featx.normalize.EMPTY ... sta
     MISSING,
     NOT_DECODABLE,
     NOT_UTF8,
+    OUT_OF_MEMORY,
     OUTSIDE_CLASSES,
     PATH_ESCAPE,
     SYMLINK_DIR,
@@ -168,7 +169,7 @@ def process_raw(raw: bytes, path: str | None, modality: str, p: Params):
     try:
         out = {"image": _image, "audio": _audio, "text": _text}[modality](raw, p, path)
     except MemoryError:
-        out = Rejected(NOT_DECODABLE, "out of memory while decoding")
+        out = Rejected(OUT_OF_MEMORY, "out of memory while decoding")
     if isinstance(out, Rejected):
         out.sha256 = sha
         return out

@@ -443,6 +443,75 @@ def test_rerun_is_a_noop_and_increment_adds_shards(image_tree, tmp_path):
         run(image_tree, out, shard_samples=4)
 
 
+@pytest.mark.parametrize("killed_in", ["write_card", "fit_tokenizer"])
+def test_a_run_killed_before_its_card_is_caught_up_by_the_next(tmp_path, monkeypatch, killed_in):
+    """Shards written, then the run dies before its card (or, for text, before re-fitting the
+    tokenizer on the new train shards): the next run must not say "up to date" with the old
+    card, which would hide the newest samples from training forever."""
+    import featx.ingest
+    import featx.tokenizer
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(12):
+        make_text(src / f"c{i % 2}" / f"{i:02d}.txt", seed=i)
+    run(src, out, shard_samples=4, vocab_size=300, workers=1)
+    for i in range(12, 20):
+        make_text(src / f"c{i % 2}" / f"{i:02d}.txt", seed=i)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    where = featx.tokenizer if killed_in == "fit_tokenizer" else featx.ingest
+    with monkeypatch.context() as m:
+        m.setattr(where, killed_in, killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(src, out, shard_samples=4, vocab_size=300, workers=1)
+    stale_tokenizer = (out / "tokenizer.json").read_bytes()
+    s = run(src, out, shard_samples=4, vocab_size=300, workers=1)
+    assert not s.up_to_date and s.ingested == 0 and s.total == 20
+    card = load_card(out)
+    on_disk = {f"{p.parent.name}/{p.name}" for p in out.glob("*/shard-*.tar")}
+    assert {sh["shard"] for sh in card["shards"]} == on_disk
+    assert sum(c["total"] for c in card["counts"].values()) == 20
+    # the tokenizer is the one fitted on the train shards the card lists, new ones included
+    from featx.dataset import finished_shards
+    from featx.tokenizer import fit_tokenizer, shard_texts
+
+    fit_tokenizer(shard_texts(finished_shards(out, "train")), 300, tmp_path / "expected.json")
+    expected = (tmp_path / "expected.json").read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == expected
+    if killed_in == "fit_tokenizer":
+        assert stale_tokenizer != expected  # the killed run had left the old one
+    assert run(src, out, shard_samples=4, vocab_size=300, workers=1).up_to_date
+
+
+def test_an_unreadable_input_is_tried_again_once_it_is_readable(image_tree, tmp_path):
+    """`unreadable` is transient: after a chmod (which leaves the mtime alone) the next run
+    ingests the file and drops the reject, instead of taking it from the reject cache."""
+    from faults_support import no_dac_prefix, run_featx
+
+    out = tmp_path / "out"
+    locked = image_tree / "cats" / "img001.png"
+    locked.chmod(0)
+    r = run_featx("ingest", image_tree, out, "--workers", "1", prefix=no_dac_prefix())
+    assert r.returncode == 0, r.stderr[-3000:]
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(x["source"], x["reason"]) for x in rejected] == [("cats/img001.png", N.UNREADABLE)]
+    assert sum(c["total"] for c in load_card(out)["counts"].values()) == 23
+    locked.chmod(0o644)
+    r = run_featx("ingest", image_tree, out, "--workers", "1", prefix=no_dac_prefix())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "rejected.jsonl").read_text() == ""
+    card = load_card(out)
+    assert sum(c["total"] for c in card["counts"].values()) == 24
+    sources = {
+        e["source"]
+        for st in out.glob("*/shard-*_stats.json")
+        for e in json.loads(st.read_text())["entries"]
+    }
+    assert "cats/img001.png" in sources and card["rejected"]["total"] == 0
+
+
 def test_sigkill_mid_run_then_rerun_gives_identical_shards(tmp_path):
     src = tmp_path / "src"
     for i in range(160):

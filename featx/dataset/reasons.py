@@ -23,12 +23,17 @@ BAD_ROW = "bad manifest row"
 OUTSIDE_CLASSES = "outside class folders"
 HIDDEN = "hidden file"
 CHANGED = "changed after ingest"
-CRASHED = "crashed the decoder"  # its process died on it twice; not cached, a re-run tries again
+CRASHED = "crashed the decoder"  # its process died on it twice
+OUT_OF_MEMORY = "out of memory"
+
+# Rejects that may not happen again: the next run tries the input again instead of taking the
+# reject from the cache (a `chmod` fixes an unreadable file without changing its mtime).
+TRANSIENT = frozenset({UNREADABLE, CRASHED, OUT_OF_MEMORY})
 
 REASONS = frozenset(
     {
         EMPTY, NOT_UTF8, CORRUPT, TRUNCATED, NOT_DECODABLE, UNSUPPORTED, BOMB, BINARY_TEXT,
         TOO_SHORT, UNREADABLE, DUPLICATE, SYMLINK_ESCAPE, BROKEN_SYMLINK, SYMLINK_DIR,
-        PATH_ESCAPE, MISSING, BAD_ROW, OUTSIDE_CLASSES, HIDDEN, CHANGED, CRASHED,
+        PATH_ESCAPE, MISSING, BAD_ROW, OUTSIDE_CLASSES, HIDDEN, CHANGED, CRASHED, OUT_OF_MEMORY,
     }
 )  # fmt: skip

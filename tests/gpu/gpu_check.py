@@ -120,6 +120,8 @@ def main() -> int:
                     gpu=gpu,
                     workers=args.workers,
                     batch_size=256,
+                    # both places the model can run: Ray Data GPU actors, and this process
+                    engine="ray" if model == "cnn" else "local",
                     overwrite=True,
                 )
             )
@@ -131,6 +133,7 @@ def main() -> int:
                 "train_wall_s": round(train_s, 1),
                 "extract_samples_per_s": ex.samples_per_s,
                 "extract_rows": ex.total_rows,
+                "extract_engine": ex.engine,
                 "train_gflop_per_sample": round(flops / 1e9, 3),
                 "train_fraction_of_matmul_rate": round(flops * rate / peak, 4),
             }))  # fmt: skip
