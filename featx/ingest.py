@@ -108,7 +108,11 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
             )
             for s in SPLITS
         }
-        seen = {e["sha256"]: e["key"] for st in prior for e in st["entries"]}
+        # Samples already in finished shards, by the hash of their normalised payload (shards
+        # written before featx recorded it dedup by the input's bytes, as they did then).
+        seen = {
+            e.get("payload_sha256", e["sha256"]): e["key"] for st in prior for e in st["entries"]
+        }
         ingested = 0
         runs = None
         try:
@@ -116,8 +120,9 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
             sample_layout = N.Layout(modality, classes, cfg.val_fraction, cfg.test_fraction)
             runs = _run(pending, params, sample_layout, cfg, out, nodes)
             for i, (item, res) in enumerate(runs):
-                if isinstance(res, N.Normalised) and res.sha256 in seen:
-                    res = N.Rejected(R.DUPLICATE, f"duplicate of {seen[res.sha256]}", res.sha256)
+                if isinstance(res, N.Normalised) and res.payload_sha256 in seen:
+                    duplicate_of = seen[res.payload_sha256]
+                    res = N.Rejected(R.DUPLICATE, f"duplicate of {duplicate_of}", res.sha256)
                 if isinstance(res, N.Rejected):
                     reject = Reject(
                         item.source, res.reason, res.detail, item.size, item.mtime_ns, res.sha256
@@ -128,7 +133,7 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
                     )
                 else:
                     writers[res.split].write(res.tar, _entry(item, res))
-                    seen[res.sha256] = res.key
+                    seen[res.payload_sha256] = res.key
                     ingested += 1
                 if progress:
                     progress(i + 1, len(pending))
@@ -288,6 +293,7 @@ def _entry(item: Item, res: N.Normalised) -> dict:
         "source": item.source,
         "label": item.label,
         "sha256": res.sha256,
+        "payload_sha256": res.payload_sha256,
         "size": item.size,
         "mtime_ns": item.mtime_ns,
     }

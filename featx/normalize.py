@@ -92,9 +92,13 @@ class Layout:
 
 @dataclass
 class Normalised:
-    sha256: str
+    sha256: str  # of the input's bytes
     ext: str  # payload member: jpg, png, flac or txt
     payload: bytes
+    # of the normalised payload: what dedup compares, so inputs that normalise to the same
+    # sample (CRLF or LF, with or without a BOM, NFD or NFC accents; one picture as PNG and as
+    # BMP) are one sample
+    payload_sha256: str = ""
     original: dict = field(default_factory=dict)
     key: str = ""  # set by `encode`, which also replaces payload with the sample's tar bytes
     split: str = ""
@@ -150,6 +154,7 @@ def encode(res: Normalised, source: str, label, split: str | None, layout: Layou
         "label": label,
         "split": res.split,
         "sha256": res.sha256,
+        "payload_sha256": res.payload_sha256,
         "modality": layout.modality,
         "original": res.original,
     }
@@ -174,7 +179,7 @@ def process_raw(raw: bytes, path: str | None, modality: str, p: Params):
         out.sha256 = sha
         return out
     ext, payload, original = out
-    return Normalised(sha, ext, payload, original)
+    return Normalised(sha, ext, payload, hashlib.sha256(payload).hexdigest(), original)
 
 
 _worker: tuple[Params, Layout] | None = None

@@ -20,6 +20,7 @@ from PIL import Image
 from featx import normalize as N
 from featx.config import ConfigError, IngestConfig
 from featx.dataset import decode_sample, load_card, sample_key, split_of
+from featx.dataset import reasons as R
 from featx.ingest import ingest
 
 FEATX = [sys.executable, "-m", "featx.cli"]
@@ -510,6 +511,40 @@ def test_an_unreadable_input_is_tried_again_once_it_is_readable(image_tree, tmp_
         for e in json.loads(st.read_text())["entries"]
     }
     assert "cats/img001.png" in sources and card["rejected"]["total"] == 0
+
+
+def test_inputs_that_normalise_to_the_same_sample_are_one_sample(tmp_path):
+    """Dedup compares the normalised payload, not the input's bytes: the same text with CRLF,
+    a BOM or NFD accents, and the same picture as PNG and BMP, are each one sample, so no copy
+    can land in train and another in val. Incremental runs dedup against finished shards."""
+    import unicodedata
+
+    text = "Un café au lait, deux croissants et la crème brûlée du jour, s'il vous plaît."
+    src = tmp_path / "text"
+    src.mkdir()
+    variants = {
+        "a.txt": text.encode(),
+        "b.txt": (text + "\r\n").encode(),
+        "c.txt": b"\xef\xbb\xbf" + text.encode(),
+        "d.txt": unicodedata.normalize("NFD", text).encode(),
+    }
+    for name, data in variants.items():
+        (src / name).write_bytes(data)
+    make_text(src / "other.txt", seed=1)
+    out = tmp_path / "out-text"
+    s = run(src, out, val_fraction=0.5, vocab_size=300, workers=1)
+    assert s.total == 2 and s.rejected == {R.DUPLICATE: 3}
+    (src / "e.txt").write_bytes(unicodedata.normalize("NFD", text + "\r\n").encode())
+    s = run(src, out, val_fraction=0.5, vocab_size=300, workers=1)
+    assert s.ingested == 0 and s.total == 2 and s.rejected == {R.DUPLICATE: 4}
+
+    img = tmp_path / "img"
+    make_image(img / "x" / "a.png", seed=3, fmt="PNG")
+    (img / "y").mkdir()
+    Image.open(img / "x" / "a.png").save(img / "y" / "a.bmp")
+    make_image(img / "y" / "b.png", seed=4, fmt="PNG")
+    s = run(img, tmp_path / "out-img", val_fraction=0.5, workers=1)
+    assert s.total == 2 and s.rejected == {R.DUPLICATE: 1}
 
 
 def test_sigkill_mid_run_then_rerun_gives_identical_shards(tmp_path):
