@@ -8,6 +8,7 @@ record, so every input is accounted for.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -145,6 +146,7 @@ def _manifest(path: Path) -> tuple[list[Item], list[Reject]]:
                     rejects.append(Reject(f"{path.name}:{i}", R.BAD_ROW, "not a JSON object"))
                     continue
                 rows.append((i, row))
+    texts: dict[str, int] = {}  # inline text's source -> its first line
     for line, row in rows:
         where = f"{path.name}:{line}"
         label = _clean(row.get("label"))
@@ -155,7 +157,15 @@ def _manifest(path: Path) -> tuple[list[Item], list[Reject]]:
         text, rel = row.get("text"), _clean(row.get("path"))
         if rel is None:
             if isinstance(text, str):
-                items.append(Item(where, None, label, split, text, len(text.encode()), 0))
+                # Keyed by content, not by line number: inserting or deleting a row above it
+                # leaves the text the same sample.
+                source = inline_source(path.name, text)
+                if source in texts:
+                    detail = f"{where}: the same text as line {texts[source]}"
+                    rejects.append(Reject(where, R.DUPLICATE, detail))
+                    continue
+                texts[source] = line
+                items.append(Item(source, None, label, split, text, len(text.encode()), 0))
             else:
                 rejects.append(Reject(where, R.BAD_ROW, "needs a 'path' (or 'text' in JSONL)"))
             continue
@@ -174,6 +184,12 @@ def _manifest(path: Path) -> tuple[list[Item], list[Reject]]:
         source = _rel(full, base)
         items.append(Item(source, full, label, split, None, st.st_size, st.st_mtime_ns))
     return items, rejects
+
+
+def inline_source(manifest: str, text: str) -> str:
+    """The source of an inline manifest text: the manifest's name and a hash of the text."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{manifest}#text-{digest[:16]}"
 
 
 def _clean(v) -> str | None:

@@ -266,6 +266,32 @@ def test_manifest_split_wins_and_inline_text(tmp_path):
     assert (out / "tokenizer.json").exists()
 
 
+def test_inline_rows_are_keyed_by_content_not_line(tmp_path):
+    """A row inserted at the top of a JSONL manifest is a new sample, and the rows below it
+    keep theirs: nothing is skipped, nothing rejected as a duplicate of itself."""
+    rows = [{"text": f"inline document number {i} about topic {i % 2}"} for i in range(6)]
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "out"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = run(manifest, out, val_fraction=0.0, vocab_size=300, workers=1)
+    assert s.ingested == 6
+    first = {e["source"]: e["key"] for e in _entries(out)}
+    top = {"text": "a new document inserted at the top of the manifest"}
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in [top, *rows, rows[2]]))
+    s = run(manifest, out, val_fraction=0.0, vocab_size=300, workers=1)
+    assert s.ingested == 1 and s.total == 7
+    assert s.rejected == {N.DUPLICATE: 1}  # the repeated row, and only it
+    assert rejected(out)["m.jsonl:8"]["detail"].endswith("the same text as line 4")
+    after = {e["source"]: e["key"] for e in _entries(out)}
+    assert {k: after[k] for k in first} == first  # every old row kept its sample
+    texts = {v.decode() for name, v in tar_members(out).items() if name.endswith(".txt")}
+    assert top["text"] in texts and all(r["text"] in texts for r in rows)
+
+
+def _entries(out: Path) -> list[dict]:
+    stats = [json.loads(st.read_text()) for st in out.glob("*/shard-*_stats.json")]
+    return [e for st in stats for e in st["entries"]]
+
+
 def test_csv_manifest(tmp_path):
     for i in range(4):
         make_image(tmp_path / "imgs" / f"{i}.png", i)
