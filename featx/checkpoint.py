@@ -29,11 +29,17 @@ def save_model_dir(
     folder: Path,
     model: torch.nn.Module,
     card: dict,
-    dataset: Path,
+    dataset: Path | None,
     metrics: dict,
     extra: dict | None = None,
+    *,
+    tokenizer: str | Path | None = None,
 ) -> None:
-    """Write a model directory; `featx.json` goes last, so its presence means complete."""
+    """Write a model directory; `featx.json` goes last, so its presence means complete.
+
+    A text model's tokenizer is copied in: `tokenizer` (a local file: the one the run trained
+    with), else the dataset's.
+    """
     import torch
 
     folder = Path(folder)
@@ -41,13 +47,13 @@ def save_model_dir(
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(folder / MODEL_FILE) as tmp:
         torch.save(state, tmp)
-    tokenizer = None
     if card.get("tokenizer"):
         from featx import storage
 
-        tokenizer_file = storage.local_path(storage.join(dataset, card["tokenizer"]))
-        shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
-        tokenizer = TOKENIZER_FILE
+        source = tokenizer or storage.local_path(storage.join(dataset, card["tokenizer"]))
+        with atomic_path(folder / TOKENIZER_FILE) as tmp:
+            shutil.copyfile(source, tmp)
+    tokenizer = TOKENIZER_FILE if card.get("tokenizer") else None
     meta = {
         "featx_version": __version__,
         "model_name": model.model_name,

@@ -70,7 +70,13 @@ class ShardEmbedder:
                 f"{model_dir}/{MODEL_FILE} changed while extraction started; run again"
             )
         tokenizer = Path(meta["model_dir"]) / meta["tokenizer"] if meta.get("tokenizer") else None
-        self.collate = make_collate(meta["modality"], tokenizer_path=tokenizer, augment=False)
+        # Text is cut where training cut it (models written before featx recorded it: 256).
+        self.collate = make_collate(
+            meta["modality"],
+            tokenizer_path=tokenizer,
+            max_tokens=meta.get("max_tokens", 256),
+            augment=False,
+        )
         self.batch_size = batch_size
         self.stamp = stamp
         self.class_names = class_names

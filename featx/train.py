@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from featx import storage
+from featx.checkpoint import TOKENIZER_FILE
 from featx.config import TrainConfig
 from featx.dataset import load_card
 from featx.errors import ConfigError
@@ -132,13 +133,19 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
                 "CPUs; lower --workers or --cpus-per-worker"
             ]
         )
-    if not prior:
-        from featx.fsutil import atomic_write_text
+    from featx.fsutil import atomic_write_bytes, atomic_write_text
 
+    snapshot = card.get("tokenizer") and not (out / TOKENIZER_FILE).exists()
+    if snapshot:
+        # The run's own copy: the dataset's tokenizer is re-fitted when an ingest adds train
+        # shards, and a model must train and extract with the token ids it started with.
+        tokenizer = storage.local_path(storage.join(cfg.dataset, card["tokenizer"]))
+        atomic_write_bytes(out / TOKENIZER_FILE, Path(tokenizer).read_bytes())
+    if not prior:
         run = {"config": cfg.run_fingerprint(), "dataset": card["fingerprint"]}
         atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
-        if store:
-            storage.push(out, store)  # so a driver elsewhere resumes with the same checks
+    if store and (snapshot or not prior):
+        storage.push(out, store)  # so a driver elsewhere resumes with the same checks
     dataset = cfg.dataset if is_uri(cfg.dataset) else cfg.dataset.resolve()
     splits = [s for s in ("train", "val") if card["counts"].get(s, {}).get("total", 0)]
     datasets = {}
@@ -151,6 +158,9 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
         "splits": splits,
         "threads": max(1, int(cpus)),
         "key_dir": str(storage.join(store or out, KEYS_DIR)) if cfg.log_keys else None,
+        "tokenizer": str(storage.join(store or out, TOKENIZER_FILE))
+        if card.get("tokenizer")
+        else None,
     }
     local = not address_from(cfg.ray_address)
     trainer = ray_compat.trainer_class(datasets=bool(datasets), local=local)(

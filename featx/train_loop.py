@@ -47,7 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
     node_id = ray.get_runtime_context().get_node_id()
     device = ray.train.torch.get_device()
 
-    tokenizer = tokenizer_path(card, cfg.dataset)
+    tokenizer = storage.local_path(config["tokenizer"]) if config.get("tokenizer") else None
     model = setup_model(cfg, card, tokenizer)
     steps_per_epoch = max(1, math.ceil(card["counts"]["train"]["total"] / world / cfg.batch_size))
     optimizer, scheduler = setup_optimizer(
@@ -108,7 +108,15 @@ def train_loop_per_worker(config: dict) -> None:
             log_epoch(metrics, cfg.epochs)
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(
-                    Path(tmp), net, optimizer, scheduler, card, cfg.dataset, history, rank_nodes
+                    Path(tmp),
+                    net,
+                    optimizer,
+                    scheduler,
+                    card,
+                    tokenizer,
+                    cfg.max_tokens,
+                    history,
+                    rank_nodes,
                 )
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
@@ -122,13 +130,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # -- set-up ---------------------------------------------------------------------------------------
-
-
-def tokenizer_path(card: dict, dataset) -> str | None:
-    """The dataset's tokenizer as a local file (text datasets), else None."""
-    if not card.get("tokenizer"):
-        return None
-    return storage.local_path(storage.join(dataset, card["tokenizer"]))
 
 
 def setup_model(cfg: TrainConfig, card: dict, tokenizer: str | None) -> torch.nn.Module:
@@ -317,10 +318,11 @@ def _fmt(v) -> str:
 
 
 def save_checkpoint(
-    folder: Path, model, optimizer, scheduler, card: dict, dataset, history, rank_nodes
+    folder: Path, model, optimizer, scheduler, card, tokenizer, max_tokens, history, rank_nodes
 ) -> None:
-    """A Ray Train checkpoint: the model directory of the epoch `history[-1]` records, plus
-    the optimiser and schedule state that resuming needs."""
+    """A Ray Train checkpoint: the model directory of the epoch `history[-1]` records (with
+    the run's tokenizer and what extraction must do the same way, `max_tokens`), plus the
+    optimiser and schedule state that resuming needs."""
     from featx.checkpoint import save_model_dir, save_train_state
 
     metrics = history[-1]
@@ -328,8 +330,13 @@ def save_checkpoint(
         folder,
         model,
         card,
-        dataset,
+        None,
         {"last": metrics, "history": history},
-        extra={"epoch": metrics["epoch"], "rank_nodes": rank_nodes},
+        tokenizer=tokenizer,
+        extra={
+            "epoch": metrics["epoch"],
+            "rank_nodes": rank_nodes,
+            "max_tokens": max_tokens,
+        },
     )
     save_train_state(folder, optimizer, scheduler, metrics["epoch"])

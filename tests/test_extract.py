@@ -41,7 +41,9 @@ META_KEYS = {
 }
 
 
-def save_checkpoint(folder: Path, dataset: Path, seed: int, **card_changes) -> Path:
+def save_checkpoint(
+    folder: Path, dataset: Path, seed: int, extra: dict | None = None, **card_changes
+) -> Path:
     card = {**load_card(dataset), **card_changes}
     vocab = None
     if card["modality"] == "text":
@@ -50,7 +52,7 @@ def save_checkpoint(folder: Path, dataset: Path, seed: int, **card_changes) -> P
         vocab = Tokenizer.from_file(str(dataset / "tokenizer.json")).get_vocab_size()
     torch.manual_seed(seed)
     model = create_model("cnn", card["modality"], max(1, len(card["classes"])), vocab_size=vocab)
-    save_model_dir(folder, model, card, dataset, metrics={})
+    save_model_dir(folder, model, card, dataset, metrics={}, extra=extra)
     return folder
 
 
@@ -66,7 +68,9 @@ def raw_samples(tar: Path) -> list[dict]:
     return samples
 
 
-def reference_embeddings(dataset: Path, model_dir: Path) -> dict[str, np.ndarray]:
+def reference_embeddings(
+    dataset: Path, model_dir: Path, max_tokens: int = 256
+) -> dict[str, np.ndarray]:
     """forward_features in a plain loop: decode_sample + make_collate + load_model."""
     from featx.batching import make_collate
     from featx.checkpoint import load_model
@@ -74,7 +78,7 @@ def reference_embeddings(dataset: Path, model_dir: Path) -> dict[str, np.ndarray
 
     model, meta = load_model(model_dir)
     tok = model_dir / meta["tokenizer"] if meta.get("tokenizer") else None
-    collate = make_collate(meta["modality"], tokenizer_path=tok)
+    collate = make_collate(meta["modality"], tokenizer_path=tok, max_tokens=max_tokens)
     out = {}
     for split in SPLITS:
         for tar in finished_shards(dataset, split):
@@ -357,7 +361,8 @@ def test_unlabelled_text_gives_null_labels_and_matches_a_plain_loop(ray_cluster,
             src=tmp_path / "src", out=ds, shard_samples=10, vocab_size=100, workers=1
         )
     )
-    model_dir = save_checkpoint(tmp_path / "model", ds, seed=0)
+    # trained with --max-tokens 8: extraction cuts the texts where training did
+    model_dir = save_checkpoint(tmp_path / "model", ds, seed=0, extra={"max_tokens": 8})
     s = extract(
         ExtractConfig.parse(
             dataset=ds,
@@ -372,5 +377,7 @@ def test_unlabelled_text_gives_null_labels_and_matches_a_plain_loop(ray_cluster,
     X, df = read_features(tmp_path / "features")
     assert df["label"].isna().all() and df["label_name"].isna().all()
     assert df["source"].str.endswith(".txt").all()
-    ref = reference_embeddings(ds, model_dir)
+    ref = reference_embeddings(ds, model_dir, max_tokens=8)
     np.testing.assert_allclose(X, np.stack([ref[k] for k in df["key"]]), atol=1e-5)
+    uncut = reference_embeddings(ds, model_dir, max_tokens=256)
+    assert not np.allclose(X, np.stack([uncut[k] for k in df["key"]]), atol=1e-3)

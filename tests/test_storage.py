@@ -136,6 +136,11 @@ def test_pipeline_on_s3_and_pyarrow_reads_the_features(s3, pipeline):
     assert trained.epochs == 2 and trained.run_dir == run
     assert any(k.startswith(f"{RAY_RUN}/checkpoint_") and k.endswith("model.pt") for k in runs)
     assert {"best/featx.json", "best/model.pt", "best/tokenizer.json", "metrics.csv"} <= set(runs)
+    # the run trained with its own copy of the tokenizer, and the model carries it
+    tokenizer = storage.read_bytes(f"{ds}/tokenizer.json")
+    assert storage.read_bytes(f"{run}/tokenizer.json") == tokenizer
+    assert storage.read_bytes(f"{run}/best/tokenizer.json") == tokenizer
+    assert json.loads(storage.read_text(f"{run}/best/featx.json"))["max_tokens"] == 256
     assert "curves.png" in runs and "run.json" in runs
     assert latest_epoch(run) == 2  # what the train flow's progress bar polls
     # Both ranks read their share from the store: every train key once per epoch.
