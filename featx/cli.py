@@ -97,7 +97,9 @@ def train(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
 
     Local Ray with CPU workers (gloo) by default; `--gpu` uses NCCL. A worker that dies is
     restarted from the latest checkpoint; running the same command again resumes an
-    interrupted run.
+    interrupted run. Once the dataset has changed (an ingest added files), the same command
+    trains a new model version in RUN_DIR; best/ switches to it when it finishes, and earlier
+    versions stay in RUN_DIR/versions/ (`--keep-versions`).
     """
     from featx.train import train as run_train
 
@@ -106,6 +108,10 @@ def train(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
     if r.up_to_date:
         console.print(f"[green]up to date[/]: {r.epochs} epochs already trained in {r.run_dir}")
     t = Table(title=f"train {cfg.model}/{cfg.preset} -> {r.best_dir}", show_header=False)
+    kept = (
+        f" (earlier kept: {', '.join(f'v{n}' for n in r.versions_kept)})" if r.versions_kept else ""
+    )
+    t.add_row("model version", f"v{r.version}{kept}")
     t.add_row(
         "epochs",
         str(r.epochs)

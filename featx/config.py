@@ -241,6 +241,17 @@ class TrainConfig(StageConfig):
     )
     seed: int = Field(0, description="Random seed.")
     keep: int = Field(3, ge=1, description="Checkpoints kept, best by validation loss.")
+    keep_versions: int = Field(
+        3,
+        ge=0,
+        description="Earlier model versions kept in RUN_DIR/versions/ (a new version is trained "
+        "when the dataset has changed since the last one).",
+    )
+    warm_start: bool = Field(
+        False,
+        description="Start a new model version from the previous version's best weights "
+        "(default: from scratch).",
+    )
     max_failures: int = Field(1, ge=-1, description="Worker failures survived (-1: unlimited).")
     max_tokens: int = Field(256, ge=1, description="Text: most tokens per sample.")
     loader: Literal["shards", "ray"] = Field(

@@ -1,5 +1,10 @@
-"""RUN_DIR, as the driver reads and writes it: Ray Train's checkpoints, best/, metrics.csv and
-curves.png. Plain files only, no torch or Ray, so polling a run (`latest_epoch`) stays cheap.
+"""RUN_DIR, as the driver reads and writes it: Ray Train's checkpoints, best/, metrics.csv,
+curves.png, and the model versions before the current one (versions/vN/). Plain files only, no
+torch or Ray, so polling a run (`latest_epoch`) stays cheap.
+
+The RUN_DIR's top level is the newest version; best/ is what extraction reads, and it changes
+only when a version finishes. When the dataset changes, `start_version` files the finished
+version away under versions/ and clears the top level (best/ aside) for the next.
 """
 
 from __future__ import annotations
@@ -9,11 +14,14 @@ import shutil
 from pathlib import Path
 
 from featx import storage
-from featx.checkpoint import META_FILE, STATE_FILE
-from featx.fsutil import atomic_path, atomic_write_text
+from featx.checkpoint import META_FILE, STATE_FILE, TOKENIZER_FILE
+from featx.fsutil import atomic_path, atomic_write_text, remove_temporaries
 
 RAY_RUN = "ray"  # Ray Train's run folder inside RUN_DIR
 KEYS_DIR = "keys"  # per-epoch, per-rank sample keys (`--log-keys`)
+RUN_FILE = "run.json"  # the settings, dataset fingerprint and version of the current run
+VERSIONS = "versions"  # earlier model versions: versions/vN/{best/, run.json, metrics.csv, ...}
+_VERSION_FILES = (RUN_FILE, "metrics.csv", "curves.png", TOKENIZER_FILE)
 
 
 def checkpoints(out: Path) -> list[tuple[Path, dict]]:
@@ -107,3 +115,43 @@ def plot_curves(history: list[dict], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+
+
+def start_version(out: Path, prior: dict, store: str | None, keep: int) -> int:
+    """The dataset changed under a run: keep the current version (if it finished, i.e. best/
+    is its own) as versions/vN, clear the top level but best/ for version N+1, drop versions
+    beyond the newest `keep`, and return N+1. Safe to repeat after a kill at any step."""
+    n = int(prior.get("version", 1))
+    versions = out / VERSIONS
+    versions.mkdir(exist_ok=True)
+    remove_temporaries(versions)
+    best = out / "best" / META_FILE
+    finished_n = best.exists() and json.loads(best.read_text()).get("version", 1) == n
+    if finished_n and not (versions / f"v{n}").exists():
+        tmp = versions / f".v{n}.tmp"
+        tmp.mkdir()
+        shutil.copytree(out / "best", tmp / "best")
+        for name in _VERSION_FILES:
+            if (out / name).exists():
+                shutil.copy2(out / name, tmp / name)
+        tmp.rename(versions / f"v{n}")  # complete, or not there
+    for name in (RAY_RUN, KEYS_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+        if store:  # or Ray Train would resume the old version's run from the store
+            storage.delete_tree(storage.join(store, name))
+    for name in _VERSION_FILES:
+        (out / name).unlink(missing_ok=True)
+    prune_versions(out, keep, store)
+    return n + 1
+
+
+def prune_versions(out: Path, keep: int, store: str | None = None) -> list[int]:
+    """Delete the earlier versions beyond the newest `keep`; returns the ones kept."""
+    found = sorted(
+        int(p.name[1:]) for p in (out / VERSIONS).glob("v*") if p.is_dir() and p.name[1:].isdigit()
+    )
+    for n in found[:-keep] if keep else found:
+        shutil.rmtree(out / VERSIONS / f"v{n}")
+        if store:
+            storage.delete_tree(storage.join(store, VERSIONS, f"v{n}"))
+    return found[-keep:] if keep else []

@@ -16,19 +16,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from featx import storage
-from featx.checkpoint import TOKENIZER_FILE
+from featx.checkpoint import MODEL_FILE, TOKENIZER_FILE
 from featx.config import TrainConfig
 from featx.dataset import load_card
 from featx.errors import ConfigError
 from featx.run_dir import (
     KEYS_DIR,
     RAY_RUN,
+    RUN_FILE,
+    VERSIONS,
     finished,
     latest_epoch,
     latest_state,
     model_history,
     plot_curves,
+    prune_versions,
     publish,
+    start_version,
     write_metrics,
 )
 from featx.storage import is_uri
@@ -61,6 +65,8 @@ class TrainResult:
     resumed_from_epoch: int = 0
     up_to_date: bool = False
     rank_nodes: list[str] | None = None  # the Ray node id of each rank in the last epoch
+    version: int = 1  # the model version in RUN_DIR: a new one each time the dataset changed
+    versions_kept: list[int] | None = None  # earlier versions in RUN_DIR/versions/
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,20 +96,34 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
     if cfg.overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    run_file = out / "run.json"
+    run_file = out / RUN_FILE
     prior = json.loads(run_file.read_text()) if run_file.exists() else None
+    version, warm_from = 1, None
     if prior:
-        if prior["config"] != cfg.run_fingerprint() or prior["dataset"] != card["fingerprint"]:
+        if prior["config"] != cfg.run_fingerprint():
             raise ConfigError(
                 [
-                    f"out: {out} holds a run with other settings or data ({prior['config']}); "
+                    f"out: {out} holds a run with other settings ({prior['config']}); "
                     "use the same options, another --out, or --overwrite"
                 ]
             )
-        last = latest_state(out)
-        if last and finished(last, cfg.epochs, cfg.patience):
-            publish(out)  # the driver may have died between the last checkpoint and here
-            return _result(out, cfg, t0, up_to_date=True)
+        version = int(prior.get("version", 1))
+        if prior["dataset"] == card["fingerprint"]:
+            last = latest_state(out)
+            if last and finished(last, cfg.epochs, cfg.patience):
+                publish(out)  # the driver may have died between the last checkpoint and here
+                return _result(out, cfg, t0, up_to_date=True)
+        else:
+            # The dataset grew or changed: a new model version, trained beside the current
+            # one, whose best/ extraction keeps reading until the new version finishes.
+            version = start_version(out, prior, store, cfg.keep_versions)
+            log.info(
+                "the dataset changed since version %d: training version %d", version - 1, version
+            )
+            prior = None
+            previous = out / VERSIONS / f"v{version - 1}" / "best" / MODEL_FILE
+            if cfg.warm_start and previous.exists():
+                warm_from = str(previous)
 
     import ray
     from ray.train import (
@@ -142,7 +162,7 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
         tokenizer = storage.local_path(storage.join(cfg.dataset, card["tokenizer"]))
         atomic_write_bytes(out / TOKENIZER_FILE, Path(tokenizer).read_bytes())
     if not prior:
-        run = {"config": cfg.run_fingerprint(), "dataset": card["fingerprint"]}
+        run = {"config": cfg.run_fingerprint(), "dataset": card["fingerprint"], "version": version}
         atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
     if store and (snapshot or not prior):
         storage.push(out, store)  # so a driver elsewhere resumes with the same checks
@@ -161,6 +181,8 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
         "tokenizer": str(storage.join(store or out, TOKENIZER_FILE))
         if card.get("tokenizer")
         else None,
+        "version": version,
+        "warm_start": warm_from,
     }
     local = not address_from(cfg.ray_address)
     trainer = ray_compat.trainer_class(datasets=bool(datasets), local=local)(
@@ -243,5 +265,7 @@ def _result(out: Path, cfg: TrainConfig, t0: float, **kw) -> TrainResult:
         metrics=history,
         seconds=round(time.perf_counter() - t0, 2),
         rank_nodes=(latest or {}).get("rank_nodes"),
+        version=int(best_meta.get("version", 1)),
+        versions_kept=prune_versions(out, cfg.keep_versions),
         **kw,
     )

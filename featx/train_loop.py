@@ -55,6 +55,10 @@ def train_loop_per_worker(config: dict) -> None:
     )
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
+    if config.get("warm_start") and not checkpoint:
+        loaded = warm_start(model, storage.local_path(config["warm_start"]))
+        if rank == 0:
+            log.info("warm start: %d of %d tensors from the previous version", *loaded)
     if checkpoint:
         with checkpoint.as_directory() as d:
             start_epoch, history = restore(Path(d), model, optimizer, scheduler)
@@ -114,9 +118,12 @@ def train_loop_per_worker(config: dict) -> None:
                     scheduler,
                     card,
                     tokenizer,
-                    cfg.max_tokens,
                     history,
-                    rank_nodes,
+                    extra={
+                        "rank_nodes": rank_nodes,
+                        "max_tokens": cfg.max_tokens,
+                        "version": config.get("version", 1),
+                    },
                 )
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
@@ -130,6 +137,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # -- set-up ---------------------------------------------------------------------------------------
+
+
+def warm_start(model: torch.nn.Module, weights: str) -> tuple[int, int]:
+    """Copy the previous version's weights into `model` where names and shapes match (a
+    re-fitted tokenizer can change the embedding's size); returns (copied, total)."""
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    same = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(same, strict=False)
+    return len(same), len(own)
 
 
 def setup_model(cfg: TrainConfig, card: dict, tokenizer: str | None) -> torch.nn.Module:
@@ -318,11 +335,12 @@ def _fmt(v) -> str:
 
 
 def save_checkpoint(
-    folder: Path, model, optimizer, scheduler, card, tokenizer, max_tokens, history, rank_nodes
+    folder: Path, model, optimizer, scheduler, card, tokenizer, history, extra: dict
 ) -> None:
     """A Ray Train checkpoint: the model directory of the epoch `history[-1]` records (with
-    the run's tokenizer and what extraction must do the same way, `max_tokens`), plus the
-    optimiser and schedule state that resuming needs."""
+    the run's tokenizer, and `extra`: what extraction must do the same way, such as
+    `max_tokens`, and the model version), plus the optimiser and schedule state that resuming
+    needs."""
     from featx.checkpoint import save_model_dir, save_train_state
 
     metrics = history[-1]
@@ -333,10 +351,6 @@ def save_checkpoint(
         None,
         {"last": metrics, "history": history},
         tokenizer=tokenizer,
-        extra={
-            "epoch": metrics["epoch"],
-            "rank_nodes": rank_nodes,
-            "max_tokens": max_tokens,
-        },
+        extra={"epoch": metrics["epoch"], **extra},
     )
     save_train_state(folder, optimizer, scheduler, metrics["epoch"])

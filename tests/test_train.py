@@ -160,6 +160,51 @@ def test_early_stopping_ends_every_rank_at_the_same_epoch_and_keeps_the_best(tmp
 
 
 @pytest.mark.slow
+def test_a_grown_dataset_trains_a_new_version_and_best_follows_it(tmp_path):
+    """The nightly train after an ingest that added files: the same command trains version 2
+    inside RUN (best/ switches to it when it finishes; version 1 is kept), the same data is
+    then up to date, other settings are still refused, and --keep-versions prunes."""
+    from conftest import make_image
+
+    from featx.config import IngestConfig
+    from featx.train import train
+
+    src, ds, run = tmp_path / "src", tmp_path / "ds", tmp_path / "run"
+
+    def add_images(start: int, stop: int) -> str:
+        for i in range(start, stop):
+            make_image(src / ("a" if i % 2 else "b") / f"{i:03d}.png", seed=i)
+        ingest(IngestConfig.parse(src=src, out=ds, shard_samples=8, image_size=16, workers=1))
+        return load_card(ds)["fingerprint"]
+
+    def best_meta() -> dict:
+        return json.loads((run / "best" / "featx.json").read_text())
+
+    opts = dict(dataset=ds, out=run, workers=1, epochs=2, batch_size=8, patience=0)
+    first = add_images(0, 24)
+    r1 = train(TrainConfig.parse(**opts))
+    assert r1.version == 1 and best_meta()["dataset_fingerprint"] == first
+
+    second = add_images(24, 32)
+    r2 = train(TrainConfig.parse(**opts))
+    assert r2.version == 2 and not r2.up_to_date and r2.versions_kept == [1]
+    assert best_meta()["dataset_fingerprint"] == second and best_meta()["version"] == 2
+    v1 = json.loads((run / "versions" / "v1" / "best" / "featx.json").read_text())
+    assert v1["dataset_fingerprint"] == first and (run / "versions" / "v1" / "metrics.csv").exists()
+    assert json.loads((run / "run.json").read_text())["version"] == 2
+
+    again = train(TrainConfig.parse(**opts))
+    assert again.up_to_date and again.version == 2
+    with pytest.raises(ConfigError, match="other settings"):
+        train(TrainConfig.parse(**{**opts, "lr": 0.01}))
+
+    add_images(32, 40)
+    r3 = train(TrainConfig.parse(**opts, keep_versions=1, warm_start=True))
+    assert r3.version == 3 and r3.versions_kept == [2]
+    assert sorted(p.name for p in (run / "versions").iterdir()) == ["v2"]
+
+
+@pytest.mark.slow
 def test_ray_data_loader_covers_the_split(tmp_path, shards):
     run = tmp_path / "run"
     opts = "--workers 2 --epochs 2 --batch-size 16 --loader ray --log-keys".split()

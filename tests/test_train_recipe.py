@@ -266,7 +266,7 @@ def test_a_restored_worker_continues_exactly_where_the_checkpoint_left_off(tmp_p
     model, optimizer, scheduler = fresh()
     run_epoch(model, optimizer, scheduler, images, **step)
     history = [{"epoch": 1, "train_loss": 0.7}]
-    save_checkpoint(tmp_path, model, optimizer, scheduler, card, None, 256, history, ["n0"])
+    save_checkpoint(tmp_path, model, optimizer, scheduler, card, None, history, {"version": 1})
     assert (tmp_path / STATE_FILE).exists()
 
     model2, optimizer2, scheduler2 = fresh()
