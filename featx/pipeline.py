@@ -54,6 +54,9 @@ class PipelineConfig(StageConfig):
     batch_size: int | None = field_from(TrainConfig, "batch_size")
     lr: float | None = field_from(TrainConfig, "lr")
     flip: bool = field_from(TrainConfig, "flip")
+    keep_versions: int = field_from(TrainConfig, "keep_versions")
+    # extract (and the probe's baseline extraction)
+    engine: Literal["auto", "ray", "local"] = field_from(ExtractConfig, "engine")
     # every stage
     gpu: bool = field_from(
         TrainConfig, "gpu", description="GPU training workers and extraction actors."
@@ -89,11 +92,14 @@ class PipelineConfig(StageConfig):
             checkpoint=self.run_dir,
             out=self.features,
             gpu=self.gpu,
+            engine=self.engine,
             ray_address=self.ray_address,
         )
 
     def probe_config(self) -> ProbeConfig:
-        return ProbeConfig.parse(features=self.features)
+        return ProbeConfig.parse(
+            features=self.features, engine=self.engine, ray_address=self.ray_address
+        )
 
     def _shared(self, config: type[StageConfig], skip: set[str] = frozenset()) -> dict:
         """This config's values of the fields `config` has too."""
