@@ -122,19 +122,19 @@ def start_version(out: Path, prior: dict, store: str | None, keep: int) -> int:
     is its own) as versions/vN, clear the top level but best/ for version N+1, drop versions
     beyond the newest `keep`, and return N+1. Safe to repeat after a kill at any step."""
     n = int(prior.get("version", 1))
-    versions = out / VERSIONS
-    versions.mkdir(exist_ok=True)
-    remove_temporaries(versions)
+    folder = out / VERSIONS
+    folder.mkdir(exist_ok=True)
+    remove_temporaries(folder)
     best = out / "best" / META_FILE
     finished_n = best.exists() and json.loads(best.read_text()).get("version", 1) == n
-    if finished_n and not (versions / f"v{n}").exists():
-        tmp = versions / f".v{n}.tmp"
+    if finished_n and not (folder / f"v{n}").exists():
+        tmp = folder / f".v{n}.tmp"
         tmp.mkdir()
         shutil.copytree(out / "best", tmp / "best")
         for name in _VERSION_FILES:
             if (out / name).exists():
                 shutil.copy2(out / name, tmp / name)
-        tmp.rename(versions / f"v{n}")  # complete, or not there
+        tmp.rename(folder / f"v{n}")  # complete, or not there
     for name in (RAY_RUN, KEYS_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
         if store:  # or Ray Train would resume the old version's run from the store
@@ -145,11 +145,17 @@ def start_version(out: Path, prior: dict, store: str | None, keep: int) -> int:
     return n + 1
 
 
-def prune_versions(out: Path, keep: int, store: str | None = None) -> list[int]:
-    """Delete the earlier versions beyond the newest `keep`; returns the ones kept."""
-    found = sorted(
+def versions(out: Path) -> list[int]:
+    """The earlier model versions kept in RUN_DIR/versions/, oldest first."""
+    return sorted(
         int(p.name[1:]) for p in (out / VERSIONS).glob("v*") if p.is_dir() and p.name[1:].isdigit()
     )
+
+
+def prune_versions(out: Path, keep: int, store: str | None = None) -> list[int]:
+    """Delete the earlier versions beyond the newest `keep` (here and in `store`); returns
+    the ones kept."""
+    found = versions(out)
     for n in found[:-keep] if keep else found:
         shutil.rmtree(out / VERSIONS / f"v{n}")
         if store:

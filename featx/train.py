@@ -30,9 +30,9 @@ from featx.run_dir import (
     latest_state,
     model_history,
     plot_curves,
-    prune_versions,
     publish,
     start_version,
+    versions,
     write_metrics,
 )
 from featx.storage import is_uri
@@ -266,6 +266,6 @@ def _result(out: Path, cfg: TrainConfig, t0: float, **kw) -> TrainResult:
         seconds=round(time.perf_counter() - t0, 2),
         rank_nodes=(latest or {}).get("rank_nodes"),
         version=int(best_meta.get("version", 1)),
-        versions_kept=prune_versions(out, cfg.keep_versions),
+        versions_kept=versions(out),
         **kw,
     )
