@@ -135,7 +135,10 @@ def train(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
     app, ExtractConfig, arguments=("dataset",), flags={"checkpoint": ("-c",), "out": ("-o",)}
 )
 def extract(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
-    """Extract one feature vector per sample into Parquet with Ray Data.
+    """Extract one feature vector per sample into Parquet, shard by shard.
+
+    Small jobs on a laptop run in this process; clusters and large jobs on a Ray Data actor
+    pool, one task per shard (`--engine`).
 
     Writes `OUT/<split>/part-NNNNNN.parquet` for each `<split>/shard-NNNNNN.tar` of DATASET,
     with columns key, split, label, label_name, source and embedding (fixed-size float32

@@ -339,7 +339,11 @@ class ExtractConfig(StageConfig):
         "decodes while another runs the model), about one per 4 CPUs on larger machines, and "
         "never more than there are shards.",
     )
-    gpu: bool = Field(False, description="One GPU per actor (the Ray cluster needs GPUs).")
+    gpu: bool = Field(
+        False,
+        description="Run the model on a GPU: one per actor with the Ray engine (the cluster "
+        "needs GPUs), this machine's with the local one.",
+    )
     engine: Literal["auto", "ray", "local"] = Field(
         "auto",
         description="Where the model runs: `ray`, a Ray Data actor pool, one task per shard "
