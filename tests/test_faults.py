@@ -328,11 +328,13 @@ def test_hostile_inputs_are_rejected_with_reason_or_ingested(modality, tmp_path,
 
 
 def _bmp_images(src: Path, n: int) -> None:
-    """n distinct 256x192 noise images (BMP: quick to write, a few ms each to normalise)."""
+    """n 256x192 noise images (BMP: quick to write, a few ms each to normalise), distinct
+    also once normalised to a few pixels (dedup compares the normalised payload): each has
+    its index in a central block of a few output pixels at 32 px."""
     base = np.random.default_rng(0).integers(0, 255, (192, 256, 3), dtype=np.uint8)
     for i in range(n):
         a = np.roll(base, i, axis=1)
-        a[0, :8, 0] = np.frombuffer(i.to_bytes(8, "little"), np.uint8)
+        a[84:108, 112:144, 0], a[84:108, 112:144, 1] = i % 256, i // 256
         path = src / f"c{i % 3}" / f"{i:04d}.bmp"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(a).save(path)
