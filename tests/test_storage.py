@@ -243,6 +243,28 @@ def test_extract_overwrite_on_the_store_replaces_the_features_of_another_model(
     assert shas == {manifest["checkpoint_sha256"]} and len(parts) == first.files_written
 
 
+def test_a_grown_dataset_in_the_store_trains_version_2_there(s3, ray_cluster, tmp_path):
+    """Model versions with RUN_DIR in the bucket: the second train after an ingest that added
+    files trains version 2 from scratch (Ray Train does not resume version 1's run from the
+    store), files version 1 under versions/v1/, and best/ is version 2's."""
+    src = text_source(tmp_path / "src", n=24)
+    ds, run = f"s3://{BUCKET}/v-shards", f"s3://{BUCKET}/v-run"
+    opts = dict(dataset=ds, out=run, model="cnn", epochs=2, batch_size=8, workers=1)
+    ingest(IngestConfig.parse(src=src, out=ds, shard_samples=8, val_fraction=0.25, workers=1))
+    first = train(TrainConfig.parse(**opts))
+    for i in range(24, 32):
+        make_text(src / f"c{i % 2}" / f"{i:03d}.txt", seed=i)
+    ingest(IngestConfig.parse(src=src, out=ds, shard_samples=8, val_fraction=0.25, workers=1))
+    second = train(TrainConfig.parse(**opts))
+    assert (first.version, second.version) == (1, 2) and second.resumed_from_epoch == 0
+    assert second.epochs == 2 and second.versions_kept == [1]
+    best = json.loads(storage.read_text(f"{run}/best/featx.json"))
+    v1 = json.loads(storage.read_text(f"{run}/versions/v1/best/featx.json"))
+    assert best["version"] == 2 and best["dataset_fingerprint"] == load_card(ds)["fingerprint"]
+    assert v1["version"] == 1 and v1["dataset_fingerprint"] != best["dataset_fingerprint"]
+    assert json.loads(storage.read_text(f"{run}/run.json"))["version"] == 2
+
+
 def test_an_unknown_scheme_or_a_non_featx_prefix_is_refused(s3, tmp_path):
     src = text_source(tmp_path / "src", n=4)
     with pytest.raises(ConfigError, match="nosuch://"):
