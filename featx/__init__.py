@@ -1,7 +1,8 @@
 """featx: learned features from your own raw images, text and audio.
 
-Stages: ingest (raw files -> WebDataset shards), train (Ray Train DDP), extract (Ray Data ->
-Parquet), orchestrated by Prefect flows in `flows/`. The library runs without Prefect.
+Stages: ingest (raw files -> WebDataset shards), train (Ray Train DDP), extract (Parquet, in
+this process or on Ray Data), orchestrated by Prefect flows in `flows/`. The library runs
+without Prefect.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -20,7 +20,7 @@ app = typer.Typer(
     help=(
         "featx: learned features from your own raw images, text and audio.\n\n"
         "Stages: ingest (raw files -> WebDataset shards), train (Ray Train DDP), "
-        "extract (Ray Data -> Parquet), probe (how good are the features)."
+        "extract (Parquet: in-process or on Ray Data), probe (how good are the features)."
     ),
     no_args_is_help=True,
     add_completion=False,

@@ -30,7 +30,7 @@ def demo(
     """The main job: the whole pipeline on the embedded sample data in data/.
 
     For each sample dataset the Prefect pipeline flow runs ingest -> train (Ray Train, 2
-    workers) -> extract (Ray Data -> Parquet) -> linear probe -> report, on a local Ray and a
+    workers) -> extract (Parquet) -> linear probe -> report, on a local Ray and a
     temporary local Prefect API (state under OUT/prefect); no server to start by hand.
     """
     from featx.pipeline import REPO_DATA
