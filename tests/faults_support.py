@@ -242,6 +242,13 @@ def kill_and_reap(proc: subprocess.Popen | int) -> bool:
 # what is on disk
 
 
+def in_splits(root: Path, pattern: str) -> list[Path]:
+    """`root/<split>/<pattern>` for each split folder. Use it to watch a running featx: a plain
+    `root.glob("*/...")` also lists featx's own hidden temporary folders, and fails when one
+    is removed while glob reads it."""
+    return [p for split in ("test", "train", "val") for p in sorted((root / split).glob(pattern))]
+
+
 def partial_files(root: Path) -> list[str]:
     """Temporaries featx writes under hidden names (`.name.tmpPID`, `.best.tmp`), left over."""
     return sorted(

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import make_image, make_text
+from faults_support import in_splits
 
 from featx.checkpoint import save_model_dir
 from featx.config import ConfigError, IngestConfig
@@ -192,7 +193,7 @@ def test_one_part_per_shard_with_schema_metadata_and_shard_order(features, image
     out, summary = features
     card = load_card(image_ds)
     expected = shard_keys(image_ds)
-    parts = {str(p.relative_to(out)) for p in out.glob("*/part-*.parquet")}
+    parts = {str(p.relative_to(out)) for p in in_splits(out, "part-*.parquet")}
     assert parts == set(expected)
     assert summary.files_written == len(expected) and summary.rows == card_total(card)
     manifest = json.loads((out / MANIFEST).read_text())
@@ -329,7 +330,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_sample_exactly_once(
     log = open(tmp_path / "stderr.txt", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 120
-    while not list(out.glob("*/part-*.parquet")):
+    while not list(in_splits(out, "part-*.parquet")):
         assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
         assert time.monotonic() < deadline, "no part file appeared within 120 s"
         time.sleep(0.01)
@@ -338,10 +339,10 @@ def test_sigkill_mid_run_then_rerun_gives_every_sample_exactly_once(
     proc.wait()
     log.close()
     # Whatever the moment, every visible part is whole.
-    for p in out.glob("*/part-*.parquet"):
+    for p in in_splits(out, "part-*.parquet"):
         rel = str(p.relative_to(out))
         assert pq.read_table(p)["key"].to_pylist() == expected[rel]
-    killed_with = len(list(out.glob("*/part-*.parquet")))
+    killed_with = len(list(in_splits(out, "part-*.parquet")))
     s = extract(ExtractConfig.parse(dataset=image_ds, checkpoint=run_dir, out=out))
     assert s.files_skipped == killed_with and s.files_written == len(expected) - killed_with
     _, df = read_features(out)

@@ -28,6 +28,7 @@ from faults_support import (
     crashed,
     featx_env,
     file_stats,
+    in_splits,
     kill_and_reap,
     no_dac_prefix,
     one_line_error,
@@ -274,7 +275,7 @@ def test_hostile_inputs_are_rejected_with_reason_or_ingested(modality, tmp_path,
         row = json.loads(line)
         rejected[row["source"]] = row
     samples = {}
-    for tar in sorted(out.glob("*/shard-*.tar")):
+    for tar in sorted(in_splits(out, "shard-*.tar")):
         raw: dict[str, dict] = {}
         with tarfile.open(tar) as t:
             for m in t:
@@ -368,13 +369,13 @@ def test_ingest_sigkill_at_seeded_moments_resumes_byte_identical(tmp_path, fault
     while kills < 5:
         runs += 1
         assert runs <= 12, f"only {kills} effective kills in {runs - 1} runs"
-        shards_before = set(out.glob("*/shard-*.tar"))
+        shards_before = set(in_splits(out, "shard-*.tar"))
         proc = start_featx("ingest", src, out, *args, log=log)
 
         def progressed(before=shards_before, p=proc):
             # this run's own temporary (a killed run's stay until the next run removes them)
-            tmp = list(out.glob(f"*/.shard-*.tmp{p.pid}"))
-            return tmp or set(out.glob("*/shard-*.tar")) - before or p.poll() is not None
+            tmp = list(in_splits(out, f".shard-*.tmp{p.pid}"))
+            return tmp or set(in_splits(out, "shard-*.tar")) - before or p.poll() is not None
 
         wait_for(progressed, 60, "ingest to start writing", log=log, every=0.005)
         time.sleep(rng.uniform(0.0, 0.2))  # the seeded random moment, once writing has begun
@@ -434,7 +435,7 @@ def test_ingest_worker_killed_mid_run_loses_nothing(tmp_path, fault_figures):
         out, log = tmp_path / f"out{attempt}", tmp_path / f"ingest{attempt}.log"
         proc = start_featx("ingest", src, out, *args, log=log)
         try:
-            wait_for(lambda o=out: list(o.glob("*/.shard-*.tmp*")), 60, "a shard", proc, log)
+            wait_for(lambda o=out: list(in_splits(o, ".shard-*.tmp*")), 60, "a shard", proc, log)
             time.sleep(rng.uniform(0.0, 0.1))
             workers = _ingest_workers(proc)
             assert workers, f"no pool processes under featx ingest\n{log.read_text()}"
@@ -517,7 +518,7 @@ def test_decoders_crashing_on_every_input_stop_with_a_clear_error(tmp_path, cras
     assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
     error = one_line_error(r.stderr)
     assert error and "die on every input" in error, r.stderr[-3000:]
-    assert not list(out.glob("*/shard-*.tar")) and partial_files(out) == []
+    assert not list(in_splits(out, "shard-*.tar")) and partial_files(out) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,12 +718,12 @@ def test_extract_sigkill_at_seeded_moments_resumes_exactly_once(
     while kills < 5:
         runs += 1
         assert runs <= 8, f"only {kills} effective kills in {runs - 1} runs"
-        parts_before = set(out.glob("*/part-*.parquet"))
+        parts_before = set(in_splits(out, "part-*.parquet"))
         proc = start_featx(*cmd, log=log)
         try:
             wait_for(
                 lambda p=proc, before=parts_before: (
-                    set(out.glob("*/part-*.parquet")) - before or p.poll() == 0
+                    set(in_splits(out, "part-*.parquet")) - before or p.poll() == 0
                 ),
                 120,
                 "a new part",
@@ -756,17 +757,17 @@ def test_extract_actor_killed_mid_run_is_retried_exactly_once(
     actor (`--workers 1`), so the run can only finish if the killed actor comes back."""
     dataset, model_dir = image_dataset
     out, log = tmp_path / "out", tmp_path / "extract.log"
-    n_parts = len(list(dataset.glob("*/shard-*.tar")))
+    n_parts = len(list(in_splits(dataset, "shard-*.tar")))
     cmd = ("extract", dataset, "--checkpoint", model_dir, "--out", out, "--batch-size", "4")
     cmd += ("--workers", "1")
     earlier = set(own_processes("ShardEmbedder"))  # a previous test's actor may still be exiting
     proc = start_featx(*cmd, "--ray-address", ray_cluster, log=log)
     try:
-        wait_for(lambda: list(out.glob("*/part-*.parquet")), 120, "a first part", proc, log)
+        wait_for(lambda: list(in_splits(out, "part-*.parquet")), 120, "a first part", proc, log)
         actors = set(own_processes("ShardEmbedder")) - earlier
         assert len(actors) == 1, actors
         victim = next(iter(actors))
-        parts_at_kill = len(list(out.glob("*/part-*.parquet")))
+        parts_at_kill = len(list(in_splits(out, "part-*.parquet")))
         assert sigkill(victim) and parts_at_kill < n_parts, "the kill came after the work"
         fault_figures.fault("Ray Data actor killed")
         # Ray restarts the actor (a new process) and retries the tasks it had in flight.

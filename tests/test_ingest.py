@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_audio, make_image, make_text, png_bomb
+from faults_support import in_splits
 from PIL import Image
 
 from featx import normalize as N
@@ -32,7 +33,7 @@ def run(src, out, **kw):
 
 def tar_members(out: Path) -> dict[str, bytes]:
     members = {}
-    for tar in sorted(out.glob("*/shard-*.tar")):
+    for tar in sorted(in_splits(out, "shard-*.tar")):
         with tarfile.open(tar) as t:
             for m in t:
                 assert m.name not in members, f"{m.name} appears twice"
@@ -41,7 +42,7 @@ def tar_members(out: Path) -> dict[str, bytes]:
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/shard-*.tar"))}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(in_splits(out, "shard-*.tar"))}
 
 
 def rejected(out: Path) -> dict[str, dict]:
@@ -210,7 +211,7 @@ def test_class_folders_become_shards_with_card(image_tree, tmp_path):
         assert "errors" in stats and "seconds" in stats
     # members of one sample are adjacent, keys carry no dots or slashes, labels match folders
     names = []
-    for tar in sorted(out.glob("*/shard-*.tar")):
+    for tar in sorted(in_splits(out, "shard-*.tar")):
         with tarfile.open(tar) as t:
             names += t.getnames()
     keys = [n.split(".", 1)[0] for n in names]
@@ -288,7 +289,7 @@ def test_inline_rows_are_keyed_by_content_not_line(tmp_path):
 
 
 def _entries(out: Path) -> list[dict]:
-    stats = [json.loads(st.read_text()) for st in out.glob("*/shard-*_stats.json")]
+    stats = [json.loads(st.read_text()) for st in in_splits(out, "shard-*_stats.json")]
     return [e for st in stats for e in st["entries"]]
 
 
@@ -497,7 +498,7 @@ def test_a_run_killed_before_its_card_is_caught_up_by_the_next(tmp_path, monkeyp
     s = run(src, out, shard_samples=4, vocab_size=300, workers=1)
     assert not s.up_to_date and s.ingested == 0 and s.total == 20
     card = load_card(out)
-    on_disk = {f"{p.parent.name}/{p.name}" for p in out.glob("*/shard-*.tar")}
+    on_disk = {f"{p.parent.name}/{p.name}" for p in in_splits(out, "shard-*.tar")}
     assert {sh["shard"] for sh in card["shards"]} == on_disk
     assert sum(c["total"] for c in card["counts"].values()) == 20
     # the tokenizer is the one fitted on the train shards the card lists, new ones included
@@ -533,7 +534,7 @@ def test_an_unreadable_input_is_tried_again_once_it_is_readable(image_tree, tmp_
     assert sum(c["total"] for c in card["counts"].values()) == 24
     sources = {
         e["source"]
-        for st in out.glob("*/shard-*_stats.json")
+        for st in in_splits(out, "shard-*_stats.json")
         for e in json.loads(st.read_text())["entries"]
     }
     assert "cats/img001.png" in sources and card["rejected"]["total"] == 0
@@ -590,7 +591,7 @@ def test_sigkill_mid_run_then_rerun_gives_identical_shards(tmp_path):
         )
         # wait until at least one shard exists, then kill at a random moment
         deadline = time.time() + 60
-        while not list(out.glob("*/shard-*.tar")) and time.time() < deadline:
+        while not list(in_splits(out, "shard-*.tar")) and time.time() < deadline:
             time.sleep(0.02)
         time.sleep(rng.uniform(0, 0.3))
         if proc.poll() is None:
@@ -598,7 +599,7 @@ def test_sigkill_mid_run_then_rerun_gives_identical_shards(tmp_path):
             kills += 1
         proc.wait()
         # what is visible after the kill is complete: every tar has its stats and reads whole
-        for tar in out.glob("*/shard-*.tar"):
+        for tar in in_splits(out, "shard-*.tar"):
             assert tar.with_name(tar.stem + "_stats.json").exists()
             with tarfile.open(tar) as t:
                 t.getmembers()
@@ -623,7 +624,7 @@ def ingested(image_tree, tmp_path):
 def test_read_back_with_webdataset(ingested):
     import webdataset as wds
 
-    urls = [str(p) for p in sorted(ingested.glob("*/shard-*.tar"))]
+    urls = [str(p) for p in sorted(in_splits(ingested, "shard-*.tar"))]
     keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False).map(decode_sample)]
     expected = {e["key"] for e in _entries(ingested)}
     assert sorted(keys) == sorted(expected) and len(keys) == 24
@@ -645,7 +646,7 @@ def test_read_back_with_ray_data(ingested):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ds = ray.data.read_webdataset(
-            [str(p) for p in sorted(ingested.glob("*/shard-*.tar"))], decoder=None
+            [str(p) for p in sorted(in_splits(ingested, "shard-*.tar"))], decoder=None
         )
         rows = ds.take_all()
     finally:
