@@ -140,10 +140,13 @@ def extract(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
     Small jobs on a laptop run in this process; clusters and large jobs on a Ray Data actor
     pool, one task per shard (`--engine`).
 
-    Writes `OUT/<split>/part-NNNNNN.parquet` for each `<split>/shard-NNNNNN.tar` of DATASET,
-    with columns key, split, label, label_name, source and embedding (fixed-size float32
-    list). Each part appears only when complete: re-running skips finished parts ("up to
-    date"), and a run killed at any moment resumes with every sample exactly once.
+    Writes one Parquet part for each `<split>/shard-NNNNNN.tar` of DATASET, with columns key,
+    split, label, label_name, source and embedding (fixed-size float32 list), into a version
+    folder `OUT/versions/NNNNNN/<split>/`. `OUT/current` (and the manifest) switch to a version
+    when it is complete, so readers see one model's rows. A re-run with nothing changed is "up
+    to date"; a new checkpoint, or shards added or removed, build the next version, with the
+    parts of unchanged shards of the same model reused; `--keep-versions` are kept. A run
+    killed at any moment resumes with every sample exactly once.
     """
     from featx.extract import extract
 
@@ -155,13 +158,14 @@ def extract(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
             f"[green]up to date[/]: {s.total_rows} rows in {s.files_skipped} files at {s.out}"
         )
     t = Table(title=f"extract -> {s.out}", show_header=False)
+    t.add_row("version", f"{s.version} (kept: {', '.join(s.versions)})")
     t.add_row("rows (this run / total)", f"{s.rows} / {s.total_rows}")
-    t.add_row("files (written / skipped)", f"{s.files_written} / {s.files_skipped}")
+    t.add_row("files (written / reused)", f"{s.files_written} / {s.files_skipped}")
     t.add_row("feature dim", str(s.feature_dim))
     t.add_row("seconds", f"{s.seconds:.1f} (Ray start-up {s.ray_init_seconds:.1f})")
     t.add_row("samples/s", f"{s.samples_per_s:.0f}")
     t.add_row("model", s.model_dir)
-    t.add_row("Parquet", f"{s.out}/*/part-*.parquet")
+    t.add_row("Parquet", f"{s.out}/current/*/part-*.parquet")
     if len(s.nodes) > 1:
         t.add_row("Ray nodes", str(len(s.nodes)))
     for w in s.warnings:

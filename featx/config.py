@@ -326,8 +326,16 @@ class ExtractConfig(StageConfig):
         "is used. Folder or URI."
     )
     out: Location = Field(
-        description="FEATURES_DIR: `<split>/part-NNNNNN.parquet`, one per input shard, and "
-        "`_featx_features.json`; a folder or an object-store URI."
+        description="FEATURES_DIR: versions of `<split>/part-NNNNNN.parquet`, one per input "
+        "shard, under `versions/NNNNNN/`; `current` and `_featx_features.json` point at the "
+        "newest complete one. A folder or an object-store URI."
+    )
+    keep_versions: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="Feature versions kept in OUT, the current one included; older ones are "
+        "removed once a new one is complete.",
     )
     batch_size: int = Field(64, ge=1, le=65536, description="Samples per forward pass.")
     workers: int | None = Field(
@@ -355,7 +363,8 @@ class ExtractConfig(StageConfig):
         None, description="Ray cluster address; default: RAY_ADDRESS, else a local Ray."
     )
     overwrite: bool = Field(
-        False, description="Delete the features in OUT first (needed to switch checkpoints)."
+        False,
+        description="Delete every feature version in OUT first and start again at version 1.",
     )
     # The checks that need the file system are extract's preflight, run once as it starts.
 

@@ -14,7 +14,7 @@ from featx.checkpoint import META_FILE, MODEL_FILE, load_meta, resolve_model_dir
 from featx.config import ExtractConfig
 from featx.dataset import CARD, SPLITS, load_card
 from featx.errors import ConfigError
-from featx.features import MANIFEST, read_manifest
+from featx.features import CURRENT, MANIFEST, VERSIONS, read_manifest
 from featx.storage import is_uri
 
 
@@ -96,13 +96,13 @@ def preflight(cfg: ExtractConfig) -> ExtractPlan:
                 " extracting anyway"
             )
     sha = meta["checkpoint_sha256"] if meta else None
-    problems += _check_out(cfg, sha)
+    problems += _check_out(cfg)
     if problems:
         raise ConfigError(problems)
     return ExtractPlan(card, meta, sha, model_dir, model, warnings)
 
 
-def _check_out(cfg: ExtractConfig, sha: str | None) -> list[str]:
+def _check_out(cfg: ExtractConfig) -> list[str]:
     out = cfg.out
     if is_uri(out):
         ds = str(cfg.dataset).rstrip("/")
@@ -118,20 +118,14 @@ def _check_out(cfg: ExtractConfig, sha: str | None) -> list[str]:
             return [f"out: {out} is inside the dataset's {s}/ shards; choose another folder"]
     if not out.is_dir():
         return []
-    old = read_manifest(out)
-    if old is None:
-        if any(p.name != ".lock" for p in out.iterdir()):
+    if read_manifest(out) is None:
+        # a run killed before its first version was complete leaves only these
+        ours = (".lock", VERSIONS, f".{CURRENT}.tmp")
+        if any(not p.name.startswith(ours) for p in out.iterdir()):
             return [
                 f"out: {out} is not empty and holds no featx features ({MANIFEST});"
                 " choose a new or empty folder"
             ]
-        return []
-    if sha is not None and old["checkpoint_sha256"] != sha and not cfg.overwrite:
-        return [
-            f"out: {out} holds features of another checkpoint ({old['model_dir']}, sha256 "
-            f"{old['checkpoint_sha256'][:12]}, not {sha[:12]}); mixing them would give rows "
-            "from two models: choose another --out, or pass --overwrite to replace them"
-        ]
     return []
 
 

@@ -1,7 +1,16 @@
-"""The features format: one Parquet part per input shard, a manifest, and `read_features`.
+"""The features format: versions of one Parquet part per input shard, manifests, and
+`read_features`.
 
-Plain Arrow/Parquet so pandas, DuckDB, Polars, Spark and scikit-learn read it without featx or
-Ray. This module owns the names, the schema and the reader; `featx.extract` writes the parts.
+    FEATURES_DIR/
+      _featx_features.json              the current version's manifest, + "current", "versions"
+      current -> versions/000003        a link to the current version (local folders)
+      versions/000003/_featx_features.json
+      versions/000003/<split>/part-NNNNNN.parquet   the rows of <split>/shard-NNNNNN.tar
+
+Every version is complete and from one model; the pointer (the root manifest, and the link)
+switches when a new one is. Plain Arrow/Parquet, so pandas, DuckDB, Polars, Spark and
+scikit-learn read `FEATURES_DIR/current` without featx or Ray. This module owns the names, the
+schema and the reader; `featx.extract` and `featx.feature_versions` write them.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ from featx.dataset import SPLITS
 from featx.fsutil import atomic_write_bytes
 
 MANIFEST = "_featx_features.json"
-FORMAT = "featx-features/1"
+FORMAT = "featx-features/2"  # /1: the parts at FEATURES_DIR/<split>/, no versions
+VERSIONS = "versions"
+CURRENT = "current"
 BASELINE_DIR = "_baseline"  # probe's random-init features; "_" keeps it out of dataset scans
 # Parquet key-value metadata written on every part (values are strings).
 META_KEYS = (
@@ -109,8 +120,19 @@ def part_metadata(path: Path) -> dict[str, str]:
 
 
 def read_manifest(features_dir: Path) -> dict | None:
+    """The manifest of a features folder (the current version's, with "current" and
+    "versions") or of one version folder; None when there is none."""
     path = Path(features_dir) / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def current_dir(features_dir: Path) -> Path:
+    """The folder holding the current version's parts: FEATURES_DIR/versions/<current>, or the
+    folder itself when it is one version (or written by a featx before versions)."""
+    manifest = read_manifest(features_dir)
+    if manifest and manifest.get("current"):
+        return Path(features_dir) / VERSIONS / manifest["current"]
+    return Path(features_dir)
 
 
 def part_files(features_dir: Path, split: str | None = None) -> list[Path]:
@@ -123,8 +145,9 @@ def part_files(features_dir: Path, split: str | None = None) -> list[Path]:
 def read_features(path: str | Path, split: str | None = None):
     """Read extracted features: `(X, df)`, X a float32 (N, D) matrix, df the other columns.
 
-    `path` is a features folder written by `featx extract` (or one part file); `split` keeps one
-    split. Rows come split by split, shard by shard, in shard order, so `X[i]` is `df.iloc[i]`.
+    `path` is a features folder written by `featx extract` (its current version is read), one
+    of its `versions/NNNNNN` folders, or one part file; `split` keeps one split. Rows come
+    split by split, shard by shard, in shard order, so `X[i]` is `df.iloc[i]`.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
@@ -134,6 +157,7 @@ def read_features(path: str | Path, split: str | None = None):
     if path.is_file():
         files = [path]
     elif path.is_dir():
+        path = current_dir(path)
         files = part_files(path, split)
         if not files:
             found = [s for s in SPLITS if part_files(path, s)]
@@ -157,6 +181,12 @@ def _read_store(uri: str, split: str | None) -> pa.Table:
     if uri.endswith(".parquet"):
         table = pq.read_table(root, filesystem=fs)
         return table.filter(pc.equal(table["split"], split)) if split else table
+    try:
+        current = json.loads(storage.read_text(storage.join(uri, MANIFEST))).get("current")
+    except FileNotFoundError:
+        current = None
+    if current:
+        uri = storage.join(uri, VERSIONS, current)
     splits = SPLITS if split is None else (split,)
     files = [p for s in splits for p in storage.listdir(storage.join(uri, s), "part-*.parquet")]
     if not files:

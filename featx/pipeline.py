@@ -54,7 +54,9 @@ class PipelineConfig(StageConfig):
     batch_size: int | None = field_from(TrainConfig, "batch_size")
     lr: float | None = field_from(TrainConfig, "lr")
     flip: bool = field_from(TrainConfig, "flip")
-    keep_versions: int = field_from(TrainConfig, "keep_versions")
+    keep_versions: int = field_from(
+        TrainConfig, "keep_versions", description="Model versions and feature versions kept."
+    )
     # extract (and the probe's baseline extraction)
     engine: Literal["auto", "ray", "local"] = field_from(ExtractConfig, "engine")
     # every stage
@@ -94,6 +96,7 @@ class PipelineConfig(StageConfig):
             gpu=self.gpu,
             engine=self.engine,
             ray_address=self.ray_address,
+            keep_versions=self.keep_versions,
         )
 
     def probe_config(self) -> ProbeConfig:

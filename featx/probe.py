@@ -231,9 +231,8 @@ def _source_dataset(manifest: dict, dataset, needs: list[str]):
 def _baseline_features(cfg: ProbeConfig, features_dir: Path, manifest: dict, dataset) -> Path:
     """Extract baseline features into FEATURES_DIR/_baseline/features (cached across runs)."""
     from featx import storage
-    from featx.checkpoint import MODEL_FILE, resolve_model_dir
+    from featx.checkpoint import resolve_model_dir
     from featx.extract import extract
-    from featx.fsutil import sha256_file
 
     root = features_dir / BASELINE_DIR
     model_dir = (
@@ -244,9 +243,6 @@ def _baseline_features(cfg: ProbeConfig, features_dir: Path, manifest: dict, dat
     if storage.is_uri(model_dir):
         model_dir = storage.local_copy(model_dir)
     out = root / "features"
-    old = read_manifest(out)
-    # The folder is probe's cache: another baseline model replaces it instead of being refused.
-    overwrite = old is not None and old["checkpoint_sha256"] != sha256_file(model_dir / MODEL_FILE)
     log.info("extracting baseline features with %s into %s", model_dir, out)
     extract(
         ExtractConfig.parse(
@@ -257,7 +253,7 @@ def _baseline_features(cfg: ProbeConfig, features_dir: Path, manifest: dict, dat
             workers=cfg.workers,
             engine=cfg.engine,
             ray_address=cfg.ray_address,
-            overwrite=overwrite,
+            keep_versions=1,  # probe's cache: another baseline model replaces it
         )
     )
     return out

@@ -259,9 +259,11 @@ def _local_files(local: Path) -> dict[str, os.stat_result]:
     for root, dirs, names in os.walk(local):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for n in names:
-            if n.startswith("."):  # temporaries, locks, featx's own bookkeeping
-                continue
             p = Path(root) / n
+            # temporaries, locks, featx's own bookkeeping; links (a features folder's
+            # `current`) are local conveniences a store cannot hold
+            if n.startswith(".") or p.is_symlink():
+                continue
             files[p.relative_to(local).as_posix()] = p.stat()
     return files
 
@@ -323,12 +325,15 @@ def push(local: Path, uri: str, last: tuple[str, ...] = (), skip: tuple[str, ...
 
     Files matching the patterns in `last` go after all others, in the order of the patterns, so
     a marker of completion never reaches the store before what it marks. Paths matching `skip`
-    stay local. Hidden files (temporaries, locks) never leave.
+    stay local. Hidden files (temporaries, locks) never leave. Then files featx removed from
+    `local` since they were pulled or pushed (compacted shards, pruned versions) are deleted
+    from the store: only those, so nothing featx did not write there is touched.
     """
     fs, root = filesystem(uri)
     index = _index(local)
+    files = _local_files(local)
     rank = {}
-    for rel, st in _local_files(local).items():
+    for rel, st in files.items():
         if any(fnmatch.fnmatch(rel, p) for p in skip) or index.get(rel) == _stamp(st):
             continue
         rank[rel] = next((i + 1 for i, p in enumerate(last) if fnmatch.fnmatch(rel, p)), 0)
@@ -342,6 +347,11 @@ def push(local: Path, uri: str, last: tuple[str, ...] = (), skip: tuple[str, ...
                     out.write(block)
             index[rel] = stamp
             n += 1
+        for rel in sorted(set(index) - set(files)):
+            if not any(fnmatch.fnmatch(rel, p) for p in skip):
+                with contextlib.suppress(FileNotFoundError):
+                    fs.delete_file(f"{root}/{rel}")
+                del index[rel]
     finally:
         _save_index(local, index)
     return n

@@ -299,11 +299,15 @@ def check_visible_shards(out: Path) -> list[str]:
 
 
 def check_visible_parts(features: Path, dataset: Path) -> list[str]:
-    """Problems with the Parquet parts one can see: each holds its whole shard, in order."""
+    """Problems with the Parquet parts one can see, in every feature version: each holds its
+    whole shard, in order; and a current version, if any, has a part for every shard."""
     import pyarrow.parquet as pq
 
+    from featx.features import current_dir, read_manifest
+
     problems = []
-    for part in sorted(features.glob("*/part-*.parquet")):
+    versions = sorted((features / "versions").glob("[0-9]*"))
+    for part in [p for v in versions for p in in_splits(v, "part-*.parquet")]:
         split, idx = part.parent.name, part.name[len("part-") : -len(".parquet")]
         stats = dataset / split / f"shard-{idx}_stats.json"
         want = [e["key"] for e in json.loads(stats.read_text())["entries"]]
@@ -314,6 +318,12 @@ def check_visible_parts(features: Path, dataset: Path) -> list[str]:
             continue
         if got != want:
             problems.append(f"{part.relative_to(features)} holds {len(got)} of {len(want)} keys")
+    if (read_manifest(features) or {}).get("current"):
+        cur = current_dir(features)
+        have = {f"{p.parent.name}/{p.name[5:11]}" for p in in_splits(cur, "part-*.parquet")}
+        shards = {f"{t.parent.name}/{t.name[6:12]}" for t in in_splits(dataset, "shard-*.tar")}
+        if have != shards:
+            problems.append(f"the current version {cur.name} lacks parts of {shards - have}")
     return problems
 
 

@@ -25,7 +25,7 @@ from featx.checkpoint import save_model_dir
 from featx.config import ConfigError, IngestConfig
 from featx.dataset import SPLITS, finished_shards, load_card, read_stats
 from featx.extract import ExtractConfig, extract
-from featx.features import MANIFEST, read_features
+from featx.features import MANIFEST, current_dir, read_features
 from featx.ingest import ingest
 from featx.models import create_model
 
@@ -193,12 +193,16 @@ def test_one_part_per_shard_with_schema_metadata_and_shard_order(features, image
     out, summary = features
     card = load_card(image_ds)
     expected = shard_keys(image_ds)
-    parts = {str(p.relative_to(out)) for p in in_splits(out, "part-*.parquet")}
+    cur = current_dir(out)
+    assert cur == out / "versions" / "000001" and summary.version == "000001"
+    assert (out / "current").resolve() == cur.resolve()  # the link plain readers use
+    parts = {str(p.relative_to(cur)) for p in in_splits(cur, "part-*.parquet")}
     assert parts == set(expected)
     assert summary.files_written == len(expected) and summary.rows == card_total(card)
     manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["current"] == "000001" and manifest["versions"][0]["rows"] == summary.rows
     for name, keys in expected.items():
-        f = pq.ParquetFile(out / name)
+        f = pq.ParquetFile(cur / name)
         s = f.schema_arrow
         assert s.names == ["key", "split", "label", "label_name", "source", "embedding"]
         assert (s.field("key").type, s.field("label").type) == (pa.string(), pa.int32())
@@ -264,7 +268,7 @@ def test_duckdb_polars_pandas_and_read_features_read_the_output(features, image_
     out, _ = features
     card = load_card(image_ds)
     n = card_total(card)
-    glob = f"{out}/*/*.parquet"
+    glob = f"{out}/current/*/*.parquet"  # as the README gives it
     [(count, keys, dim)] = duckdb.sql(
         f"SELECT count(*), count(DISTINCT key), max(len(embedding)) FROM read_parquet('{glob}')"
     ).fetchall()
@@ -275,37 +279,74 @@ def test_duckdb_polars_pandas_and_read_features_read_the_output(features, image_
     assert per_split == {s: c["total"] for s, c in card["counts"].items()}
     pl_df = pl.read_parquet(glob)
     assert pl_df.height == n and pl_df.schema["embedding"] == pl.Array(pl.Float32, 64)
-    pd_df = pd.read_parquet(out)  # the folder: pyarrow skips _featx_features.json and _baseline
+    pd_df = pd.read_parquet(out / "current")  # pyarrow skips _featx_features.json
     assert len(pd_df) == n and len(pd_df["embedding"].iloc[0]) == 64
     X, df = featx.read_features(out)
     assert X.shape == (n, 64) and X.dtype == np.float32 and len(df) == n
     assert "embedding" not in df.columns
     Xv, dv = read_features(out, split="val")
     assert Xv.shape == (card["counts"]["val"]["total"], 64) and set(dv["split"]) == {"val"}
-    one = next(out.glob("train/part-*.parquet"))
+    one = next((out / "current").glob("train/part-*.parquet"))
     X1, _ = read_features(one)
     assert X1.shape == (pq.read_metadata(one).num_rows, 64)
 
 
 @pytest.mark.slow
-def test_another_checkpoint_is_refused_unless_overwrite(features, image_ds, tmp_path, caplog):
+def test_another_checkpoint_is_a_new_version_beside_the_first(features, image_ds, tmp_path, caplog):
     src, _ = features
     out = tmp_path / "features"
-    shutil.copytree(src, out)
-    before = visible_files(out)
+    shutil.copytree(src, out, symlinks=True)
+    v1 = visible_files(out / "versions" / "000001")
     other = save_checkpoint(tmp_path / "other", image_ds, seed=1, fingerprint="f" * 64)
-    with pytest.raises(ConfigError, match="another checkpoint.*--overwrite"):
-        extract(ExtractConfig.parse(dataset=image_ds, checkpoint=other, out=out))
-    assert visible_files(out) == before
-    s = extract(ExtractConfig.parse(dataset=image_ds, checkpoint=other, out=out, overwrite=True))
-    assert s.files_written == len(shard_keys(image_ds)) and s.files_skipped == 0
+    s = extract(ExtractConfig.parse(dataset=image_ds, checkpoint=other, out=out))
+    assert s.version == "000002" and s.versions == ["000001", "000002"]
+    assert s.files_written == len(shard_keys(image_ds)) and s.files_linked == 0
     assert any("trained on another dataset" in w for w in s.warnings)  # warned, not refused
     assert "trained on another dataset" in caplog.text
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["model_dir"] == str(other.resolve())
-    X_old, _ = read_features(src)
-    X_new, _ = read_features(out)
+    assert manifest["model_dir"] == str(other.resolve()) and manifest["current"] == "000002"
+    assert (out / "current").resolve() == (out / "versions" / "000002").resolve()
+    X_old, df_old = read_features(src)
+    X_new, df_new = read_features(out)
     assert X_new.shape == X_old.shape and not np.allclose(X_new, X_old)
+    # The first version is still there, untouched, and readable on its own.
+    assert visible_files(out / "versions" / "000001") == v1
+    X_v1, _ = read_features(out / "versions" / "000001")
+    np.testing.assert_array_equal(X_v1, X_old)
+    # Back to the first model: a third version; with --keep-versions 2 the oldest goes.
+    first = json.loads((src / MANIFEST).read_text())["model_dir"]
+    s = extract(ExtractConfig.parse(dataset=image_ds, checkpoint=first, out=out, keep_versions=2))
+    assert s.version == "000003" and s.versions == ["000002", "000003"]
+    assert not (out / "versions" / "000001").exists()
+    np.testing.assert_array_equal(read_features(out)[0], X_old)
+
+
+@pytest.mark.slow
+def test_new_shards_with_the_same_model_become_new_parts_only(
+    features, image_ds, run_dir, tmp_path
+):
+    src_feat, _ = features
+    ds, out = tmp_path / "ds", tmp_path / "features"
+    shutil.copytree(image_ds, ds)
+    shutil.copytree(image_ds.parent / "src", tmp_path / "src")
+    shutil.copytree(src_feat, out, symlinks=True)
+    for i in range(90, 120):  # new files arrive
+        make_image(tmp_path / "src" / f"c{i % 3}" / f"{i:03d}.png", seed=i, size=(24, 24))
+    args = dict(shard_samples=12, image_size=24, val_fraction=0.25, workers=1)
+    grown = ingest(IngestConfig.parse(src=tmp_path / "src", out=ds, **args))
+    assert grown.ingested == 30
+    old_parts = {str(p.relative_to(current_dir(out))) for p in in_splits(current_dir(out), "*")}
+    s = extract(ExtractConfig.parse(dataset=ds, checkpoint=run_dir, out=out))
+    assert s.version == "000002" and s.rows == 30  # only the new samples went through the model
+    assert s.files_linked == len(old_parts) and s.files_written == grown.shards_written
+    v1, v2 = out / "versions" / "000001", out / "versions" / "000002"
+    for rel in old_parts:  # the same bytes, not a copy
+        assert (v1 / rel).stat().st_ino == (v2 / rel).stat().st_ino
+    X, df = read_features(out)
+    keys = [k for ks in shard_keys(ds).values() for k in ks]
+    assert sorted(df["key"]) == sorted(keys) and df["key"].is_unique
+    ref = reference_embeddings(ds, run_dir / "best")
+    np.testing.assert_allclose(X, np.stack([ref[k] for k in df["key"]]), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -330,7 +371,8 @@ def test_sigkill_mid_run_then_rerun_gives_every_sample_exactly_once(
     log = open(tmp_path / "stderr.txt", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 120
-    while not list(in_splits(out, "part-*.parquet")):
+    building = out / "versions" / "000001"  # the first version, until it is complete
+    while not list(in_splits(building, "part-*.parquet")):
         assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
         assert time.monotonic() < deadline, "no part file appeared within 120 s"
         time.sleep(0.01)
@@ -339,10 +381,10 @@ def test_sigkill_mid_run_then_rerun_gives_every_sample_exactly_once(
     proc.wait()
     log.close()
     # Whatever the moment, every visible part is whole.
-    for p in in_splits(out, "part-*.parquet"):
-        rel = str(p.relative_to(out))
+    for p in in_splits(building, "part-*.parquet"):
+        rel = str(p.relative_to(building))
         assert pq.read_table(p)["key"].to_pylist() == expected[rel]
-    killed_with = len(list(in_splits(out, "part-*.parquet")))
+    killed_with = len(list(in_splits(building, "part-*.parquet")))
     s = extract(ExtractConfig.parse(dataset=image_ds, checkpoint=run_dir, out=out))
     assert s.files_skipped == killed_with and s.files_written == len(expected) - killed_with
     _, df = read_features(out)

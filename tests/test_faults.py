@@ -714,16 +714,17 @@ def test_extract_sigkill_at_seeded_moments_resumes_exactly_once(
     cmd = ("extract", dataset, "--checkpoint", model_dir, "--out", out, "--batch-size", "4")
     cmd += ("--ray-address", ray_cluster)
     rng = random.Random(SEED + 1)
+    building = out / "versions" / "000001"  # every run builds the first version
     kills, runs = 0, 0
     while kills < 5:
         runs += 1
         assert runs <= 8, f"only {kills} effective kills in {runs - 1} runs"
-        parts_before = set(in_splits(out, "part-*.parquet"))
+        parts_before = set(in_splits(building, "part-*.parquet"))
         proc = start_featx(*cmd, log=log)
         try:
             wait_for(
                 lambda p=proc, before=parts_before: (
-                    set(in_splits(out, "part-*.parquet")) - before or p.poll() == 0
+                    set(in_splits(building, "part-*.parquet")) - before or p.poll() == 0
                 ),
                 120,
                 "a new part",
@@ -763,11 +764,12 @@ def test_extract_actor_killed_mid_run_is_retried_exactly_once(
     earlier = set(own_processes("ShardEmbedder"))  # a previous test's actor may still be exiting
     proc = start_featx(*cmd, "--ray-address", ray_cluster, log=log)
     try:
-        wait_for(lambda: list(in_splits(out, "part-*.parquet")), 120, "a first part", proc, log)
+        building = out / "versions" / "000001"
+        wait_for(lambda: in_splits(building, "part-*.parquet"), 120, "a first part", proc, log)
         actors = set(own_processes("ShardEmbedder")) - earlier
         assert len(actors) == 1, actors
         victim = next(iter(actors))
-        parts_at_kill = len(list(in_splits(out, "part-*.parquet")))
+        parts_at_kill = len(in_splits(building, "part-*.parquet"))
         assert sigkill(victim) and parts_at_kill < n_parts, "the kill came after the work"
         fault_figures.fault("Ray Data actor killed")
         # Ray restarts the actor (a new process) and retries the tasks it had in flight.

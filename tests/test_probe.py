@@ -13,7 +13,14 @@ from featx.classic import classic_features
 from featx.config import ExtractConfig, IngestConfig, ProbeConfig
 from featx.dataset import finished_shards, load_card, read_stats
 from featx.extract import extract
-from featx.features import BASELINE_DIR, make_table, read_features, write_manifest, write_part
+from featx.features import (
+    BASELINE_DIR,
+    current_dir,
+    make_table,
+    read_features,
+    write_manifest,
+    write_part,
+)
 from featx.ingest import ingest
 from featx.models import create_model
 from featx.probe import probe
@@ -114,8 +121,8 @@ def test_trained_features_beat_the_random_init_baseline(
     assert set(r.per_class_accuracy) == set(r.baseline_per_class_accuracy) == {"c0", "c1", "c2"}
     assert r.classes == ["c0", "c1", "c2"] and list(r.splits) == ["val"]
     assert Path(r.baseline_dir) == out / BASELINE_DIR / "features"
-    parts = sorted((out / BASELINE_DIR / "features").glob("*/part-*.parquet"))
-    assert len(parts) == len(list(out.glob("*/part-*.parquet")))
+    parts = sorted(current_dir(out / BASELINE_DIR / "features").glob("*/part-*.parquet"))
+    assert len(parts) == len(list(current_dir(out).glob("*/part-*.parquet")))
     # The baseline is cached: probing again extracts nothing and gives the same numbers.
     mtimes = [p.stat().st_mtime_ns for p in parts]
     again = probe(ProbeConfig.parse(features=out))

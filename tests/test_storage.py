@@ -157,7 +157,9 @@ def test_pipeline_on_s3_and_pyarrow_reads_the_features(s3, pipeline):
     parts = objects(s3, "features")
     assert MANIFEST in parts
     assert len([k for k in parts if k.endswith(".parquet")]) == len(card["shards"])
-    table = pq.read_table(f"{BUCKET}/features/train", filesystem=s3)
+    manifest = json.loads(storage.read_text(f"{feats}/{MANIFEST}"))
+    assert manifest["current"] == "000001" and "current" not in parts  # no links in a store
+    table = pq.read_table(f"{BUCKET}/features/versions/000001/train", filesystem=s3)
     assert table.num_rows == card["counts"]["train"]["total"]
     assert sorted(table["key"].to_pylist()) == sorted(train_keys)
     X, df = read_features(feats)
@@ -214,11 +216,10 @@ def test_no_secret_reaches_outputs_staging_or_logs(s3, pipeline):
     assert not leaks
 
 
-def test_extract_overwrite_on_the_store_replaces_the_features_of_another_model(
-    s3, pipeline, tmp_path
-):
-    """Features in the bucket from one model; another model into the same prefix is refused,
-    and with --overwrite every part in the store comes from the new model, none left over."""
+def test_feature_versions_in_the_store_are_kept_pruned_and_overwritten(s3, pipeline, tmp_path):
+    """Features in the bucket from one model; another model into the same prefix is version 2
+    (the root manifest points at it, no link is pushed), pruning removes version 1's objects,
+    and --overwrite starts again at version 1 with nothing left over."""
     import torch
 
     from featx.checkpoint import load_model, save_model_dir
@@ -232,15 +233,24 @@ def test_extract_overwrite_on_the_store_replaces_the_features_of_another_model(
         next(model.parameters()).add_(1.0)
     other = tmp_path / "other"
     save_model_dir(other, model, load_card(ds), ds, metrics={})
-    with pytest.raises(ConfigError, match="another checkpoint"):
-        extract(ExtractConfig.parse(dataset=ds, checkpoint=other, out=feats))
-    again = extract(ExtractConfig.parse(dataset=ds, checkpoint=other, out=feats, overwrite=True))
-    assert again.rows == first.rows == 48
+    # Another model: version 2 beside version 1 in the bucket; keeping one removes version 1.
+    second = extract(ExtractConfig.parse(dataset=ds, checkpoint=other, out=feats, keep_versions=1))
+    assert (first.version, second.version) == ("000001", "000002") and second.rows == 48
     parts = [k for k in objects(s3, "features-overwrite") if k.endswith(".parquet")]
+    assert all(k.startswith("versions/000002/") for k in parts), parts
     local = storage.local_copy(feats)
     shas = {part_metadata(local / k)["checkpoint_sha256"] for k in parts}
     manifest = json.loads(storage.read_text(f"{feats}/{MANIFEST}"))
+    assert manifest["current"] == "000002" and [v["version"] for v in manifest["versions"]] == [
+        "000002"
+    ]
     assert shas == {manifest["checkpoint_sha256"]} and len(parts) == first.files_written
+    X, _ = read_features(feats)
+    assert len(X) == 48
+    # --overwrite starts again at version 1, in the bucket too.
+    again = extract(ExtractConfig.parse(dataset=ds, checkpoint=run, out=feats, overwrite=True))
+    assert again.version == "000001"
+    assert {k.split("/")[1] for k in objects(s3, "features-overwrite") if "/" in k} == {"000001"}
 
 
 def test_a_grown_dataset_in_the_store_trains_version_2_there(s3, ray_cluster, tmp_path):
