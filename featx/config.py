@@ -108,6 +108,17 @@ class IngestConfig(StageConfig):
     vocab_size: int = Field(
         2000, ge=64, le=1_000_000, description="Text: tokenizer vocabulary size."
     )
+    compact: bool = Field(
+        False,
+        description="Merge the small shards (under half of --shard-samples) of each split now, "
+        "into as few shards as fit. Each incremental run closes a small last shard.",
+    )
+    compact_after: int = Field(
+        16,
+        ge=0,
+        description="Merge a split's small shards automatically once it has this many "
+        "(0: only with --compact).",
+    )
     overwrite: bool = Field(False, description="Delete existing shards in OUT and start again.")
     ray_address: str | None = Field(
         None,

@@ -89,7 +89,7 @@ def extract(
         if n := V.remove_partials(out):
             log.info("removed %d partial file(s) left by an interrupted run", n)
         manifest = _manifest(cfg, plan)
-        version = V.plan_version(cfg.dataset, out, plan.sha, manifest)
+        version = V.plan_version(cfg.dataset, plan.card, out, plan.sha, manifest)
         tasks = version.tasks
         summary = ExtractSummary(
             out=str(out),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featx import storage
-from featx.dataset import SPLITS, finished_shards, read_stats
+from featx.dataset import SPLITS
 from featx.embed import ShardTask
 from featx.features import (
     CURRENT,
@@ -49,18 +49,23 @@ class VersionPlan:
     up_to_date: bool = False  # the current version already holds exactly this
 
 
-def plan_version(dataset, out: Path, sha: str, identity: dict) -> VersionPlan:
-    """Compare the dataset's finished shards with the current version of `out` (parts made by
-    checkpoint `sha` from the same shard bytes): up to date, or the version to build, with
-    unchanged parts linked in and the rest as tasks. `identity` is the manifest a new version
-    gets (its model and dataset); it is written, marked incomplete, before any part."""
+def plan_version(dataset, card: dict, out: Path, sha: str, identity: dict) -> VersionPlan:
+    """Compare the shards the dataset's card lists with the current version of `out` (parts
+    made by checkpoint `sha` from the same shard bytes): up to date, or the version to build,
+    with unchanged parts linked in and the rest as tasks. `identity` is the manifest a new
+    version gets (its model and dataset); it is written, marked incomplete, before any part."""
     _migrate(out)
     root = read_manifest(out)
     current = root.get("current") if root else None
     cur_dir = out / VERSIONS / current if current else None
-    wanted = []  # (split, tar, stats) of every finished shard, in order
-    for split in SPLITS:
-        wanted += [(split, tar, read_stats(tar)) for tar in finished_shards(dataset, split)]
+    # (split, tar, its card entry) of every shard, split by split in shard order: the card,
+    # not a listing, says which shards are the dataset (ingest deletes replaced ones after it)
+    wanted = [
+        (split, storage.join(dataset, sh["shard"]), sh)
+        for split in SPLITS
+        for sh in sorted(card["shards"], key=lambda sh: sh["shard"])
+        if sh["split"] == split
+    ]
 
     def made_from(part: Path, st: dict) -> bool:
         if not part.exists():

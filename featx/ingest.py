@@ -1,9 +1,10 @@
 """Ingest: raw files into validated, normalised, deduplicated WebDataset shards.
 
 Inputs are processed in a fixed order (a hash of their source path, so shards mix classes) by
-a process pool (results taken in order), and the parent alone writes shards. Finished shards
-are never rewritten: a re-run or an incremental run ingests only what no finished shard holds,
-into new shards, so a killed run resumes to the same bytes.
+a process pool (results taken in order), and the parent alone writes shards. A re-run or an
+incremental run ingests only what no finished shard holds, into new shards, so a killed run
+resumes to the same bytes. Samples whose source was deleted or edited leave by rewriting
+their shards, and small shards are merged, both kill-safe (`featx.ingest_changes`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from featx import __version__
+from featx import ingest_changes as C
 from featx import normalize as N
 from featx.config import IngestConfig
 from featx.dataset import (
@@ -66,6 +68,10 @@ class IngestSummary:
     seconds: float = 0.0
     up_to_date: bool = False
     nodes: list[str] = field(default_factory=list)  # Ray node ids that decoded (a cluster run)
+    # samples that left: deleted, relabelled, moved to another split, edited (the last three
+    # are in `ingested` again, as they are now)
+    removed: dict[str, int] = field(default_factory=dict)
+    shards_rewritten: int = 0  # shards replaced (samples left, or small shards merged)
 
     @property
     def duplicates(self) -> int:
@@ -89,11 +95,17 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
     with exclusive(out, "ingest"):
         if n := remove_partials(out):
             log.info("removed %d partial file(s) left by an interrupted run", n)
-        prior = _finished(out)
+        if n := C.recover(out):
+            log.info("removed %d shard(s) an interrupted run had already rewritten", n)
+        found = _finished(out)
         items, rejects, layout = discover(cfg.src)
-        modality = detect_modality(cfg, prior, items)
-        classes = class_map(cfg, prior, items)
-        check_compatible(cfg, prior, modality)
+        modality = detect_modality(cfg, found, items)
+        classes = class_map(cfg, found, items)
+        check_compatible(cfg, found, modality)
+        # Samples whose source was deleted, relabelled, moved to another split or edited
+        # leave; the inputs of the last three are ingested again, as they are now.
+        changes = C.find_changes(items, found)
+        prior = changes.live(found)
 
         pending, rejects = pending_inputs(out, items, rejects, prior)
         order = write_order(
@@ -103,9 +115,7 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         params = N.Params.of(cfg)
         extra = {"modality": modality, "classes": classes, "normalisation": cfg.normalisation()}
         writers = {
-            s: ShardWriter(
-                out, s, len(finished_shards(out, s)), cfg.shard_samples, cfg.shard_bytes, extra
-            )
+            s: ShardWriter(out, s, C.next_index(out, s), cfg.shard_samples, cfg.shard_bytes, extra)
             for s in SPLITS
         }
         # Samples already in finished shards, by the hash of their normalised payload (shards
@@ -150,7 +160,17 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
                 e.filename = str(out)  # a failed write() names no file; say where it was
             raise
         new_shards = [st for w in writers.values() for st in w.written]
-        stats = _finished(out)
+        # Shards that lose samples, and small shards past the threshold, are rewritten: each
+        # group into one new shard that names what it replaces; the card below lists the new
+        # ones, and the replaced shards are deleted after it.
+        groups = C.plan_rewrites(
+            _finished(out), changes, cfg.shard_samples, cfg.compact_after, cfg.compact
+        )
+        for group in groups:
+            split = group[0]["split"]
+            C.rewrite(out, group, changes, C.next_index(out, split), extra)
+        replaced = {st["shard"] for group in groups for st in group}
+        stats = [st for st in _finished(out) if st["shard"] not in replaced]
         rejects.sort(key=lambda r: (r.source, r.reason))
         rejected_changed = _write_if_changed(
             out / REJECTED, "".join(json.dumps(r.record()) + "\n" for r in rejects)
@@ -183,9 +203,17 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
             tokenizer=tokenizer,
             featx_version=__version__,
         )
+        edits = {**changes.counts}
+        if groups:
+            edits["shards rewritten"] = len(replaced)
+        if edits or ingested:
+            card["last_changes"] = {"added": ingested, **edits, "at": card["updated_at"]}
+        elif old and old.get("last_changes"):
+            card["last_changes"] = old["last_changes"]
         card_changed = old is None or _card_content(old) != _card_content(card)
         if card_changed:
             write_card(out, card)
+        C.delete_replaced(out, groups)
         up_to_date = not new_shards and not rejected_changed and not card_changed
     return IngestSummary(
         out=str(out),
@@ -198,6 +226,8 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         seconds=round(time.perf_counter() - t0, 3),
         up_to_date=up_to_date,
         nodes=sorted(nodes),
+        removed=changes.counts,
+        shards_rewritten=len(replaced),
     )
 
 
@@ -310,7 +340,8 @@ def _train_shards(shards: list[dict]) -> dict[str, str]:
 
 def _card_content(card: dict) -> dict:
     """What a card says about the data: all but when and by which featx it was written."""
-    return {k: v for k, v in card.items() if k not in ("updated_at", "featx_version")}
+    skip = ("updated_at", "featx_version", "last_changes")
+    return {k: v for k, v in card.items() if k not in skip}
 
 
 def _write_if_changed(path: Path, text: str) -> bool:

@@ -65,7 +65,8 @@ def pending_inputs(out: Path, items: list[Item], rejects: list[Reject], prior: l
     """Inputs that no finished shard holds, minus rejects cached from earlier runs: decode
     rejects from rejected.jsonl, and every reject a finished shard recorded (a run killed
     before writing rejected.jsonl must not decode and count those inputs again). Transient
-    rejects (unreadable, out of memory, a crashed decoder) are not cached: tried again."""
+    rejects (unreadable, out of memory, a crashed decoder) and duplicates are not cached:
+    tried again."""
     done = {e["source"]: e for st in prior for e in st["entries"]}
     cached = {}
     if (out / REJECTED).exists():
@@ -75,25 +76,12 @@ def pending_inputs(out: Path, items: list[Item], rejects: list[Reject], prior: l
                 cached[(r["source"], r.get("size"), r["mtime_ns"])] = r
     for st in prior:
         for r in st.get("rejects", []):
-            if r["reason"] not in R.TRANSIENT and r.get("mtime_ns"):
+            # a duplicate is decided again: the sample it duplicated may have left
+            if r["reason"] not in R.TRANSIENT | {R.DUPLICATE} and r.get("mtime_ns"):
                 cached[(r["source"], r.get("size"), r["mtime_ns"])] = r
     pending = []
     for it in items:
-        e = done.get(it.source)
-        if e is not None:
-            if (e["size"], e["mtime_ns"]) != (it.size, it.mtime_ns) and it.path:
-                sha = sha256_file(it.path)
-                if sha != e["sha256"]:
-                    rejects.append(
-                        Reject(
-                            it.source,
-                            R.CHANGED,
-                            f"already ingested as {e['key']}; run with --overwrite to rebuild",
-                            it.size,
-                            it.mtime_ns,
-                            sha,
-                        )
-                    )
+        if it.source in done:  # (an edited source's entry left `prior` already)
             continue
         r = cached.get((it.source, it.size, it.mtime_ns))
         if r is not None:
@@ -127,18 +115,16 @@ def detect_modality(cfg: IngestConfig, prior: list[dict], items: list[Item]) -> 
 
 
 def class_map(cfg: IngestConfig, prior: list[dict], items: list[Item]) -> dict[str, int]:
+    """Class name -> index. A class seen for the first time gets the next index, so the
+    indices of the samples already written never change."""
     labels = sorted({it.label for it in items if it.label is not None})
-    if not prior:
-        return {name: i for i, name in enumerate(labels)}
-    classes = prior[0]["classes"]
-    new = [name for name in labels if name not in classes]
-    if new:
-        raise ConfigError(
-            [
-                f"src: new classes {new} are not in the existing shards' class map {list(classes)};"
-                " class indices would change, so run again with --overwrite to rebuild"
-            ]
-        )
+    classes: dict[str, int] = {}
+    for st in prior:  # later shards may know more classes; an index never changes
+        classes.update(st["classes"])
+    classes = dict(sorted(classes.items(), key=lambda kv: kv[1]))
+    for name in labels:
+        if name not in classes:
+            classes[name] = len(classes)
     return classes
 
 

@@ -466,9 +466,11 @@ def test_rerun_is_a_noop_and_increment_adds_shards(image_tree, tmp_path):
     # a changed parameter is refused rather than mixing two normalisations
     with pytest.raises(ConfigError, match="image_size"):
         run(image_tree, out, shard_samples=4, image_size=32)
+    # a new class gets the next index; the samples already written keep theirs
+    classes = load_card(out)["classes"]
     make_image(image_tree / "birds" / "b.png", seed=99)
-    with pytest.raises(ConfigError, match="new classes"):
-        run(image_tree, out, shard_samples=4)
+    s = run(image_tree, out, shard_samples=4)
+    assert s.ingested == 1 and load_card(out)["classes"] == {**classes, "birds": len(classes)}
 
 
 @pytest.mark.parametrize("killed_in", ["write_card", "fit_tokenizer"])
@@ -723,3 +725,145 @@ def test_shards_of_class_folders_mix_the_classes(tmp_path):
 def tar_members_of(tar: Path) -> dict[str, bytes]:
     with tarfile.open(tar) as t:
         return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+
+
+# ---------------------------------------------------------------------------------------------
+# data that changes: deleted, relabelled, moved and edited sources; compaction
+
+
+def _card_matches_disk(out: Path) -> None:
+    """The card lists exactly the shards on disk, and every sample is there once."""
+    card = load_card(out)
+    on_disk = {f"{p.parent.name}/{p.name}" for p in in_splits(out, "shard-*.tar")}
+    assert {s["shard"] for s in card["shards"]} == on_disk
+    keys = [e["key"] for e in _entries(out)]
+    assert len(keys) == len(set(keys)) == sum(c["total"] for c in card["counts"].values())
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    path.write_text("path,label,split\n" + "".join(f"{p},{lab},{s}\n" for p, lab, s in rows))
+
+
+def test_deleted_relabelled_moved_and_edited_sources_leave_on_the_next_run(tmp_path):
+    """Edits of SRC are applied, not ignored: a deleted source's sample leaves; a relabelled,
+    re-split or edited one leaves and comes back as it is now; a duplicate of a deleted
+    sample takes its place. The summary and the card count what changed."""
+    imgs, manifest, out = tmp_path / "imgs", tmp_path / "m.csv", tmp_path / "out"
+    for i in range(12):
+        make_image(imgs / f"{i:02d}.png", seed=i)
+    (imgs / "dup_of_05.png").write_bytes((imgs / "05.png").read_bytes())
+    rows = [(f"imgs/{i:02d}.png", "ab"[i % 2], "train") for i in range(12)]
+    rows.append(("imgs/dup_of_05.png", "b", "train"))
+    _write_csv(manifest, rows)
+    first = run(manifest, out, shard_samples=4, workers=1)
+    assert first.ingested == 12 and first.duplicates == 1
+    before = {e["source"]: e for e in _entries(out)}
+
+    rows[0] = ("imgs/00.png", "b", "train")  # relabelled
+    rows[2] = ("imgs/02.png", "a", "val")  # moved to another split
+    make_image(imgs / "04.png", seed=99)  # edited: other bytes under the same name
+    os.utime(imgs / "04.png", ns=(1, 1))
+    del rows[5]  # deleted from the manifest (its duplicate stays)
+    (imgs / "07.png").unlink()  # deleted from the disk, its row dangling
+    _write_csv(manifest, rows)
+    s = run(manifest, out, shard_samples=4, workers=1)
+    assert s.removed == {"relabelled": 1, "moved to another split": 1, "edited": 1, "deleted": 2}
+    assert s.ingested == 4  # 00, 02 and 04 as they are now, and the duplicate of 05
+    assert s.total == 11 and s.shards_rewritten >= 1
+    card = load_card(out)
+    assert {k: v for k, v in card["last_changes"].items() if k != "at"} == {
+        "added": 4,
+        **s.removed,
+        "shards rewritten": s.shards_rewritten,
+    }
+    _card_matches_disk(out)
+    after = {e["source"]: e for e in _entries(out)}
+    assert set(after) == {r[0] for r in rows} - {"imgs/07.png"}
+    assert after["imgs/00.png"]["label"] == "b" and after["imgs/02.png"]["label"] == "a"
+    assert after["imgs/04.png"]["sha256"] != before["imgs/04.png"]["sha256"]
+    assert split_of_entry(out, "imgs/02.png") == "val"
+    for src in ("imgs/01.png", "imgs/03.png", "imgs/06.png"):  # untouched: the same sample
+        assert after[src]["key"] == before[src]["key"]
+    members = tar_members(out)
+    assert members[f"{after['imgs/00.png']['key']}.cls"] == b"1"  # the label in the shard too
+    again = run(manifest, out, shard_samples=4, workers=1)
+    assert again.up_to_date and again.removed == {} and again.ingested == 0
+
+
+def split_of_entry(out: Path, source: str) -> str:
+    for st in in_splits(out, "shard-*_stats.json"):
+        stats = json.loads(st.read_text())
+        if any(e["source"] == source for e in stats["entries"]):
+            return stats["split"]
+    raise AssertionError(f"{source} is in no shard")
+
+
+def test_small_shards_are_compacted_past_the_threshold_and_with_compact(tmp_path):
+    """Hourly runs that add a file each close a small shard each; past --compact-after they
+    are merged into one, every sample kept once; --compact merges now."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    opts = dict(shard_samples=8, val_fraction=0.0, workers=1, compact_after=4)
+    for i in range(3):
+        make_image(src / "c" / f"{i:02d}.png", seed=i)
+        s = run(src, out, **opts)
+        assert s.shards_rewritten == 0
+    assert len(load_card(out)["shards"]) == 3
+    make_image(src / "c" / "03.png", seed=3)
+    s = run(src, out, **opts)  # the fourth small shard: merged with the other three
+    assert s.shards_rewritten == 4 and s.total == 4
+    assert [sh["samples"] for sh in load_card(out)["shards"]] == [4]
+    _card_matches_disk(out)
+    for i in range(4, 6):
+        make_image(src / "c" / f"{i:02d}.png", seed=i)
+        run(src, out, **opts)
+    assert len(load_card(out)["shards"]) == 3
+    r = subprocess.run(
+        [*FEATX, "ingest", str(src), str(out), "--compact", "--shard-samples", "8",
+         "--val-fraction", "0", "--workers", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the two small ones merged; the shard of 4 (half of --shard-samples) is not small
+    assert [sh["samples"] for sh in load_card(out)["shards"]] == [4, 2]
+    _card_matches_disk(out)
+    # shard names are never used twice: a replaced name is not a new shard's
+    names = [sh["shard"] for sh in load_card(out)["shards"]]
+    assert names == ["train/shard-000004.tar", "train/shard-000007.tar"]
+
+
+@pytest.mark.parametrize("killed_at", ["write_card", "delete_replaced"])
+def test_a_rewrite_killed_at_any_step_keeps_the_card_true(tmp_path, monkeypatch, killed_at):
+    """A rewrite dies after its new shard (before the card) or after the card (before the old
+    shards are deleted): the card still lists each sample once, and the next run finishes
+    the rewrite so that the card matches the disk."""
+    import featx.ingest
+    import featx.ingest_changes
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(8):
+        make_image(src / "ab"[i % 2] / f"{i:02d}.png", seed=i)
+    opts = dict(shard_samples=4, val_fraction=0.0, workers=1)
+    run(src, out, **opts)
+    (src / "a" / "00.png").unlink()
+    where = featx.ingest if killed_at == "write_card" else featx.ingest_changes
+
+    def die(*a, **k):
+        raise KeyboardInterrupt  # as a kill would stop it, before this step
+
+    monkeypatch.setattr(where, killed_at, die)
+    with pytest.raises(KeyboardInterrupt):
+        run(src, out, **opts)
+    monkeypatch.undo()
+    card = load_card(out)
+    keys = [
+        e["key"]
+        for sh in card["shards"]
+        for e in json.loads((out / sh["shard"].replace(".tar", "_stats.json")).read_text())[
+            "entries"
+        ]
+    ]
+    assert len(keys) == len(set(keys))  # what readers see: no sample twice
+    s = run(src, out, **opts)
+    assert s.total == 7
+    _card_matches_disk(out)
+    assert "a/00.png" not in {e["source"] for e in _entries(out)}
