@@ -133,7 +133,9 @@ def test_pipeline_run_through_the_api_writes_features_and_artifacts(prefect_serv
     ingested = sum(c["total"] for c in card["counts"].values())
     assert ingested == N_IMAGES and not card["rejected"]["total"]
     parts = sorted(
-        p for split in card["counts"] for p in (work / "features" / split).glob("*.parquet")
+        p
+        for split in card["counts"]
+        for p in (work / "features" / "current" / split).glob("*.parquet")
     )
     assert parts, f"no Parquet parts under {work / 'features'}"
     table = pq.ParquetDataset(parts).read()
