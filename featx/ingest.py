@@ -180,14 +180,14 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         old = load_card(out) if (out / CARD).exists() else None
         tokenizer = None
         if modality == "text":
+            # Fitted once, by the first ingest (so a dataset is usable on its own); each model
+            # version then fits its own on the train shards it starts with (`featx train`).
             tokenizer = TOKENIZER
-            fitted_on = _train_shards(old["shards"]) if old else None
-            if _train_shards(stats) != fitted_on or not (out / TOKENIZER).exists():
+            if not (out / TOKENIZER).exists():
                 from featx.tokenizer import fit_tokenizer, shard_texts
 
-                fit_tokenizer(
-                    shard_texts(finished_shards(out, "train")), cfg.vocab_size, out / TOKENIZER
-                )
+                train_shards = [out / st["shard"] for st in stats if st["split"] == "train"]
+                fit_tokenizer(shard_texts(train_shards), cfg.vocab_size, out / TOKENIZER)
         by_reason = dict(sorted(Counter(r.reason for r in rejects).items()))
         card = build_card(
             modality=modality,
@@ -203,6 +203,8 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
             tokenizer=tokenizer,
             featx_version=__version__,
         )
+        if modality == "text":
+            card["vocab_size"] = cfg.vocab_size
         edits = {**changes.counts}
         if groups:
             edits["shards rewritten"] = len(replaced)
@@ -332,10 +334,6 @@ def _entry(item: Item, res: N.Normalised) -> dict:
 def _finished(out: Path) -> list[dict]:
     return [read_stats(p) for s in SPLITS for p in finished_shards(out, s)]
 
-
-def _train_shards(shards: list[dict]) -> dict[str, str]:
-    """Train shard -> sha256, of a card's shard list or of the shards' stats."""
-    return {s["shard"]: s["sha256"] for s in shards if s["split"] == "train"}
 
 
 def _card_content(card: dict) -> dict:

@@ -153,14 +153,14 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
                 "CPUs; lower --workers or --cpus-per-worker"
             ]
         )
-    from featx.fsutil import atomic_write_bytes, atomic_write_text
+    from featx.fsutil import atomic_write_text
 
     snapshot = card.get("tokenizer") and not (out / TOKENIZER_FILE).exists()
     if snapshot:
-        # The run's own copy: the dataset's tokenizer is re-fitted when an ingest adds train
-        # shards, and a model must train and extract with the token ids it started with.
-        tokenizer = storage.local_path(storage.join(cfg.dataset, card["tokenizer"]))
-        atomic_write_bytes(out / TOKENIZER_FILE, Path(tokenizer).read_bytes())
+        # A new model version fits its own tokenizer on the train shards it starts with, and
+        # trains and extracts with those token ids; the dataset's tokenizer.json (fitted by
+        # the first ingest) is never changed under a model.
+        _fit_run_tokenizer(cfg.dataset, card, out / TOKENIZER_FILE)
     if not prior:
         run = {"config": cfg.run_fingerprint(), "dataset": card["fingerprint"], "version": version}
         atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
@@ -269,3 +269,22 @@ def _result(out: Path, cfg: TrainConfig, t0: float, **kw) -> TrainResult:
         versions_kept=versions(out),
         **kw,
     )
+
+
+def _fit_run_tokenizer(dataset, card: dict, path: Path) -> None:
+    """Fit the run's tokenizer on the train shards the card lists, with the vocabulary size
+    the dataset was ingested with."""
+    from tokenizers import Tokenizer
+
+    from featx.tokenizer import fit_tokenizer, shard_texts
+
+    vocab = card.get("vocab_size")
+    if vocab is None:  # a dataset ingested before featx recorded it: its tokenizer's size
+        first = storage.local_path(storage.join(dataset, card["tokenizer"]))
+        vocab = Tokenizer.from_file(first).get_vocab_size()
+    shards = [
+        storage.local_path(storage.join(dataset, sh["shard"]))
+        for sh in card["shards"]
+        if sh["split"] == "train"
+    ]
+    fit_tokenizer(shard_texts(shards), vocab, path)

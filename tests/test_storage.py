@@ -136,7 +136,8 @@ def test_pipeline_on_s3_and_pyarrow_reads_the_features(s3, pipeline):
     assert trained.epochs == 2 and trained.run_dir == run
     assert any(k.startswith(f"{RAY_RUN}/checkpoint_") and k.endswith("model.pt") for k in runs)
     assert {"best/featx.json", "best/model.pt", "best/tokenizer.json", "metrics.csv"} <= set(runs)
-    # the run trained with its own copy of the tokenizer, and the model carries it
+    # version 1 fitted its tokenizer on the train shards the first ingest fitted the dataset's
+    # on (the same bytes), and the model carries it
     tokenizer = storage.read_bytes(f"{ds}/tokenizer.json")
     assert storage.read_bytes(f"{run}/tokenizer.json") == tokenizer
     assert storage.read_bytes(f"{run}/best/tokenizer.json") == tokenizer
