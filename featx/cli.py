@@ -55,8 +55,10 @@ def ingest(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
     """Turn raw files into validated, deduplicated WebDataset shards with a dataset card.
 
     Re-running is safe: finished shards are kept, new files become new shards, and a run
-    killed at any moment resumes to the same bytes. Rejected inputs and their reasons are
-    listed in OUT/rejected.jsonl.
+    killed at any moment resumes to the same bytes. Sources deleted, relabelled, moved to
+    another split or edited since leave their shards (the last three come back as they are
+    now), and small shards are merged past --compact-after (or now with --compact). Rejected
+    inputs and their reasons are listed in OUT/rejected.jsonl.
     """
     from featx.ingest import ingest as run_ingest
 
@@ -75,7 +77,11 @@ def ingest(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
     for reason, n in summary.rejected.items():
         t.add_row(f"  {reason}", str(n))
     t.add_row("duplicates", str(summary.duplicates))
+    for why, n in summary.removed.items():
+        t.add_row(f"left: {why}", str(n))
     t.add_row("shards (new / total)", f"{summary.shards_written} / {summary.shards_total}")
+    if summary.shards_rewritten:
+        t.add_row("shards rewritten", str(summary.shards_rewritten))
     if summary.nodes:
         t.add_row("Ray nodes", str(len(summary.nodes)))
     t.add_row("seconds", f"{summary.seconds:.1f}")
