@@ -163,6 +163,21 @@ def upgrade_database(env: dict[str, str], attempts: int = 5) -> None:
         time.sleep(1 + i)
 
 
+def spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """A background process in a session of its own (so `stop` ends its whole tree), its
+    output in `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
 def start_server(root: Path) -> Server:
     """`prefect server start` on a free port with its own PREFECT_HOME (SQLite) in `root`."""
     port, home, log = free_port(), root / "prefect-home", root / "server.log"
@@ -180,16 +195,7 @@ def start_server(root: Path) -> Server:
     )
     upgrade_database(env)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--port", str(port)],
-            env=env,
-            cwd=root,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    proc = spawn([*cmd, "--port", str(port)], log, env, cwd=root)
     server = Server(url, f"{url}/api", home, log, proc)
 
     def healthy() -> bool:
@@ -253,16 +259,8 @@ def featx_served(prefect_server: Server, tmp_path_factory) -> Iterator[Served]:
         PREFECT_RUNNER_POLL_FREQUENCY="2",  # pick the run up in 2 s, not 10
     )
     cmd = [sys.executable, "-m", "featx.cli", "serve", "--src", str(src)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--workdir", str(workdir)],
-            env=env,
-            cwd=REPO,  # deployment entrypoints are relative to the working directory
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    # cwd: deployment entrypoints are relative to the working directory
+    proc = spawn([*cmd, "--workdir", str(workdir)], log, env, cwd=REPO)
 
     def all_registered():
         found = read_deployments(prefect_server.api_url)

@@ -15,14 +15,22 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 from faults_support import kill_and_reap, own_processes
-from prefect_fixtures import REPO, clean_env, read_deployments, start_server, stop, tail, use_api
+from prefect_fixtures import (
+    REPO,
+    clean_env,
+    read_deployments,
+    spawn,
+    start_server,
+    stop,
+    tail,
+    use_api,
+)
 
 from featx.dataset import load_card
 from featx.features import read_features, read_manifest
@@ -80,17 +88,9 @@ def test_a_week_of_scheduled_runs_keeps_the_features_true(tmp_path):
         PREFECT_API_URL=server.api_url,
         PREFECT_RUNNER_POLL_FREQUENCY="1",
     )
-    with open(serve_log, "wb") as out:
-        served = subprocess.Popen(
-            [sys.executable, "-m", "featx.cli", "serve", "--src", str(manifest)]
-            + ["--workdir", str(work), "--paused"],  # runs come from the API, in cron order
-            env=env,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    cmd = [sys.executable, "-m", "featx.cli", "serve", "--src", str(manifest)]
+    cmd += ["--workdir", str(work), "--paused"]  # runs come from the API, in cron order
+    served = spawn(cmd, serve_log, env, cwd=REPO)
     log: list[dict] = []
     try:
         deadline = time.monotonic() + 180
