@@ -332,12 +332,6 @@ def test_duplicates_ingested_once(image_tree, tmp_path):
     assert rej["detail"] == f"duplicate of {first['key']}"
 
 
-def _entries(out: Path) -> list[dict]:
-    return [
-        e for p in sorted(out.glob("*/*_stats.json")) for e in json.loads(p.read_text())["entries"]
-    ]
-
-
 # ---------------------------------------------------------------------------------------------
 # broken and hostile inputs
 
@@ -865,3 +859,16 @@ def test_a_rewrite_killed_at_any_step_keeps_the_card_true(tmp_path, monkeypatch,
     assert s.total == 7
     _card_matches_disk(out)
     assert "a/00.png" not in {e["source"] for e in _entries(out)}
+
+
+def test_a_file_moved_to_another_class_folder_takes_its_new_label(image_tree, tmp_path):
+    """Moving a file between class folders is a delete and an add: its sample leaves and
+    comes back with the new label (it was a duplicate of itself and kept the old one)."""
+    out = tmp_path / "out"
+    run(image_tree, out, workers=1)
+    (image_tree / "cats" / "img001.png").rename(image_tree / "dogs" / "img001.png")
+    s = run(image_tree, out, workers=1)
+    assert s.removed == {"deleted": 1} and s.ingested == 1 and s.duplicates == 0
+    entries = {e["source"]: e for e in _entries(out)}
+    assert "cats/img001.png" not in entries and entries["dogs/img001.png"]["label"] == "dogs"
+    _card_matches_disk(out)

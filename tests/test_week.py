@@ -1,11 +1,11 @@
 """A simulated week of the served deployments on a real Prefect server.
 
-`featx serve` registers ingest (hourly), train (nightly), extract and pipeline; here their runs
-are started through the API in the order a week of crons would start them, four days long,
-while the data changes as it does in real use: files arrive, a file is deleted, a manifest row
-is relabelled, and one run is killed mid-way (then retried, as the UI's Retry does). After
-every day the current features hold exactly one row for each live sample, all from the newest
-model version, and no flow run has ended Failed or Crashed.
+`featx serve` registers ingest (hourly), train (nightly), extract and pipeline (weekly); here
+their runs are started through the API in the order the crons would start them, a week
+compressed into four days, while the data changes as it does in real use: files arrive, a file
+is deleted, a manifest row is relabelled, and one run is killed mid-way (then retried, as the
+UI's Retry does). After every day the current features hold exactly one row for each live
+sample, all from the newest model version, and no flow run has ended Failed or Crashed.
 
 The week's log (runs, states, seconds, versions, rows per version) is printed and written to
 `week.json` in the test's folder.
@@ -79,6 +79,7 @@ def test_a_week_of_scheduled_runs_keeps_the_features_true(tmp_path):
         "ingest": pipe.ingest_config().model_dump(mode="json"),
         "train": pipe.train_config().model_dump(mode="json"),
         "extract": pipe.extract_config().model_dump(mode="json"),
+        "pipeline": pipe.model_dump(mode="json"),
     }
 
     server = start_server(tmp_path / "server")
@@ -203,10 +204,11 @@ def test_a_week_of_scheduled_runs_keeps_the_features_true(tmp_path):
             run_stage(3, "extract")
             check_day(3, "a row relabelled, the train killed and retried")
 
-            # Day 4: a quiet day. Ingest, train and extract find their work done.
+            # Day 4: a quiet day, then the weekly pipeline: every stage finds its work done.
             run_stage(4, "ingest", "nothing new")
             run_stage(4, "train", "up to date")
             run_stage(4, "extract", "up to date")
+            run_stage(4, "pipeline", "the weekly run: all up to date, then a probe")
             check_day(4, "nothing new")
             runs = client.read_flow_runs()
         bad = [r.name for r in runs if r.state.is_failed() or r.state.is_crashed()]
