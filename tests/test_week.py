@@ -190,7 +190,7 @@ def test_a_week_of_scheduled_runs_keeps_the_features_true(tmp_path):
             t0 = time.monotonic()
             run = start(3, "train")
             end = time.monotonic() + 120
-            while not (work / "run" / "versions").exists() or not _flow_process(served.pid):
+            while _run_version(work / "run") != 3:  # featx train has started version 3
                 assert time.monotonic() < end, tail(serve_log)
                 time.sleep(0.2)
             time.sleep(random.Random(SEED).uniform(2.0, 5.0))  # mid-way, at a seeded moment
@@ -230,6 +230,14 @@ def _live_entries(dataset: Path, card: dict) -> list[dict]:
         stats = dataset / sh["shard"].replace(".tar", "_stats.json")
         out += json.loads(stats.read_text())["entries"]
     return out
+
+
+def _run_version(run: Path) -> int | None:
+    """The model version RUN_DIR's run.json says is training (written when it starts)."""
+    try:
+        return json.loads((run / "run.json").read_text()).get("version")
+    except (OSError, ValueError):
+        return None
 
 
 def _flow_process(served_pid: int) -> int | None:
