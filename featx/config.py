@@ -296,6 +296,12 @@ class TrainConfig(StageConfig):
             )
         if card["counts"].get("train", {}).get("total", 0) == 0:
             problems.append(f"dataset: {self.dataset} has no train samples")
+        unlabelled = sum(c["per_class"].get("(unlabelled)", 0) for c in card["counts"].values())
+        if card["classes"] and unlabelled:
+            problems.append(
+                f"dataset: {unlabelled} samples of {self.dataset} have no label (their sources "
+                "are in the shards' _stats.json with label null); label them and ingest again"
+            )
         if self.preset not in PRESETS[self.model]:
             problems.append(f"preset: {self.preset!r} unknown; known: {list(PRESETS[self.model])}")
         if not is_uri(self.out) and self.out.exists() and not self.out.is_dir():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from featx.dataset import reasons as R
 from featx.dataset.layout import SPLITS
+from featx.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,17 @@ def _manifest(path: Path) -> tuple[list[Item], list[Reject]]:
                     rejects.append(Reject(f"{path.name}:{i}", R.BAD_ROW, "not a JSON object"))
                     continue
                 rows.append((i, row))
+    unlabelled = [line for line, row in rows if _clean(row.get("label")) is None]
+    if unlabelled and len(unlabelled) < len(rows):
+        # Either every row has a label (classes) or none has (unlabelled data): a mix would
+        # train on some samples and crash, or silently drop the others.
+        lines = ", ".join(map(str, unlabelled[:10])) + (" ..." if len(unlabelled) > 10 else "")
+        raise ConfigError(
+            [
+                f"src: {len(unlabelled)} of {len(rows)} rows of {path.name} have no label "
+                f"(lines {lines}); label every row, or none"
+            ]
+        )
     texts: dict[str, int] = {}  # inline text's source -> its first line
     for line, row in rows:
         where = f"{path.name}:{line}"
@@ -168,6 +180,10 @@ def _manifest(path: Path) -> tuple[list[Item], list[Reject]]:
                 items.append(Item(source, None, label, split, text, len(text.encode()), 0))
             else:
                 rejects.append(Reject(where, R.BAD_ROW, "needs a 'path' (or 'text' in JSONL)"))
+            continue
+        if "\x00" in rel:  # no file name holds one; os calls would raise ValueError
+            shown = rel.replace("\x00", "\\x00")
+            rejects.append(Reject(shown, R.BAD_ROW, f"{where}: the path holds a NUL byte"))
             continue
         full = os.path.realpath(os.path.join(base, rel))
         if os.path.isabs(rel) or not _inside(full, base):

@@ -872,3 +872,28 @@ def test_a_file_moved_to_another_class_folder_takes_its_new_label(image_tree, tm
     entries = {e["source"]: e for e in _entries(out)}
     assert "cats/img001.png" not in entries and entries["dogs/img001.png"]["label"] == "dogs"
     _card_matches_disk(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad manifests
+
+
+def test_a_nul_byte_in_a_manifest_path_is_a_bad_row(tmp_path):
+    for i in range(3):
+        make_image(tmp_path / "imgs" / f"{i}.png", i)
+    rows = "".join(f"imgs/{i}.png,x\n" for i in range(3)) + '"imgs/a\x00b.png",x\n'
+    (tmp_path / "m.csv").write_text("path,label\n" + rows)
+    s = run(tmp_path / "m.csv", tmp_path / "out", workers=1)
+    assert s.ingested == 3
+    [bad] = [r for r in rejected(tmp_path / "out").values() if r["reason"] == N.BAD_ROW]
+    assert "NUL byte" in bad["detail"] and bad["detail"].startswith("m.csv:5")
+
+
+def test_a_partly_labelled_manifest_is_refused_before_any_work(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "imgs" / f"{i}.png", i)
+    rows = "imgs/0.png,x\nimgs/1.png,\nimgs/2.png,y\nimgs/3.png,\n"
+    (tmp_path / "m.csv").write_text("path,label\n" + rows)
+    with pytest.raises(ConfigError, match=r"2 of 4 rows of m.csv have no label \(lines 3, 5\)"):
+        run(tmp_path / "m.csv", tmp_path / "out", workers=1)
+    assert not list(in_splits(tmp_path / "out", "*"))  # nothing written

@@ -79,6 +79,17 @@ def test_bad_train_config_stops_before_work(tmp_path, shards):
     ingest(IngestConfig.parse(src=flat_src, out=unlabelled))
     with pytest.raises(ConfigError, match="at least 2"):
         TrainConfig.parse(dataset=unlabelled, out=tmp_path / "run").check_paths()
+    # A dataset with classes and some samples without a label (as a partly labelled manifest
+    # gave before ingest refused one) is refused before training starts.
+    import shutil
+
+    partly = tmp_path / "partly"
+    shutil.copytree(shards, partly)
+    card = json.loads((partly / "dataset.json").read_text())
+    card["counts"]["train"]["per_class"]["(unlabelled)"] = 3
+    (partly / "dataset.json").write_text(json.dumps(card))
+    with pytest.raises(ConfigError, match="3 samples of .* have no label"):
+        TrainConfig.parse(dataset=partly, out=tmp_path / "run").check_paths()
     assert not (tmp_path / "run").exists()
 
 
