@@ -54,6 +54,9 @@ def save_model_dir(
         with atomic_path(folder / TOKENIZER_FILE) as tmp:
             shutil.copyfile(source, tmp)
     tokenizer = TOKENIZER_FILE if card.get("tokenizer") else None
+    sums = {MODEL_FILE: sha256_file(folder / MODEL_FILE)}
+    if tokenizer:
+        sums[TOKENIZER_FILE] = sha256_file(folder / TOKENIZER_FILE)
     meta = {
         "featx_version": __version__,
         "model_name": model.model_name,
@@ -67,9 +70,28 @@ def save_model_dir(
         "tokenizer": tokenizer,
         "dataset_fingerprint": card["fingerprint"],
         "metrics": metrics,
+        "sha256": sums,  # what every reader checks: a copy cut short never passes for whole
         **(extra or {}),
     }
     atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
+
+
+class CorruptModel(ValueError):
+    """A model directory whose files do not match the sha256 its featx.json records."""
+
+
+def verify(folder: Path, meta: dict) -> None:
+    """Raise CorruptModel unless every file `meta` records a sha256 for matches it (model
+    directories written before featx recorded them are taken as they are)."""
+    for name, want in (meta.get("sha256") or {}).items():
+        path = Path(folder) / name
+        got = sha256_file(path) if path.exists() else "missing"
+        if got != want:
+            raise CorruptModel(
+                f"{path} does not match the sha256 in its {META_FILE} ({got[:12]}, not "
+                f"{want[:12]}): the copy was cut short or the file changed; retrain, or copy "
+                "the model directory again"
+            )
 
 
 def load_meta(folder: Path) -> dict:
@@ -118,6 +140,7 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.
     if storage.is_uri(folder):
         folder = storage.local_copy(folder)
     meta = load_meta(folder)
+    verify(folder, meta)
     model = create_model(**meta["model"])
     state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from featx import __version__, storage
-from featx.checkpoint import META_FILE, MODEL_FILE, load_meta, resolve_model_dir
+from featx.checkpoint import META_FILE, MODEL_FILE, CorruptModel, load_meta, resolve_model_dir
 from featx.config import ExtractConfig
 from featx.dataset import CARD, SPLITS, load_card
 from featx.errors import ConfigError
@@ -72,6 +72,8 @@ def preflight(cfg: ExtractConfig) -> ExtractPlan:
         else:
             try:
                 model, meta = load_model(local)
+            except CorruptModel as e:
+                problems.append(f"checkpoint: {e}")
             except Exception as e:  # state-dict mismatch, bad config, truncated file, ...
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
                 problems.append(

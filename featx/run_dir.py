@@ -10,6 +10,7 @@ version away under versions/ and clears the top level (best/ aside) for the next
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -19,16 +20,28 @@ from featx.fsutil import atomic_path, atomic_write_text, remove_temporaries
 
 RAY_RUN = "ray"  # Ray Train's run folder inside RUN_DIR
 KEYS_DIR = "keys"  # per-epoch, per-rank sample keys (`--log-keys`)
+log = logging.getLogger(__name__)
+
 RUN_FILE = "run.json"  # the settings, dataset fingerprint and version of the current run
 VERSIONS = "versions"  # earlier model versions: versions/vN/{best/, run.json, metrics.csv, ...}
 _VERSION_FILES = (RUN_FILE, "metrics.csv", "curves.png", TOKENIZER_FILE)
 
 
 def checkpoints(out: Path) -> list[tuple[Path, dict]]:
-    """Complete checkpoints Ray Train kept in RUN_DIR, oldest first, with their featx.json."""
+    """Complete checkpoints Ray Train kept in RUN_DIR, oldest first, with their featx.json.
+    Complete means its files match the sha256 featx.json records: Ray copies a checkpoint
+    file by file, and a copy cut short is skipped (with a warning), never published."""
+    from featx.checkpoint import CorruptModel, verify
+
     found = []
-    for meta in (out / RAY_RUN).glob(f"checkpoint_*/{META_FILE}"):
-        found.append((meta.parent, json.loads(meta.read_text())))
+    for meta_file in (out / RAY_RUN).glob(f"checkpoint_*/{META_FILE}"):
+        meta = json.loads(meta_file.read_text())
+        try:
+            verify(meta_file.parent, meta)
+        except CorruptModel as e:
+            log.warning("skipping checkpoint %s: %s", meta_file.parent.name, e)
+            continue
+        found.append((meta_file.parent, meta))
     return sorted(found, key=lambda cm: cm[1]["epoch"])
 
 

@@ -183,13 +183,15 @@ def setup_optimizer(
 def restore(folder: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
     """Load a checkpoint folder into model, optimiser and schedule; returns (epochs done, the
     metrics history)."""
-    from featx.checkpoint import MODEL_FILE, load_meta, load_train_state
+    from featx.checkpoint import MODEL_FILE, load_meta, load_train_state, verify
 
+    meta = load_meta(folder)
+    verify(folder, meta)  # a checkpoint copy cut short stops here, not as garbage weights
     model.load_state_dict(torch.load(Path(folder) / MODEL_FILE, weights_only=True))
     state = load_train_state(folder)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["epoch"]), load_meta(folder)["metrics"]["history"]
+    return int(state["epoch"]), meta["metrics"]["history"]
 
 
 def setup_data(

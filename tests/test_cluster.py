@@ -307,7 +307,7 @@ def test_stages_run_on_more_than_one_node(cluster, shards, tmp_path):
     assert extracted["nodes"] and set(extracted["nodes"]) <= nodes
     import pyarrow.dataset as pads
 
-    table = pads.dataset(feats, format="parquet").to_table(columns=["key"])
+    table = pads.dataset(feats / "current", format="parquet").to_table(columns=["key"])
     total = json.loads((shards / "dataset.json").read_text())["counts"]
     assert table.num_rows == sum(c["total"] for c in total.values())
     assert len(set(table.column("key").to_pylist())) == table.num_rows

@@ -184,6 +184,15 @@ def test_a_folder_that_is_not_features_is_refused(image_ds, run_dir, tmp_path):
         extract(ExtractConfig.parse(dataset=image_ds, checkpoint=run_dir, out=image_ds))
 
 
+def test_a_model_file_cut_short_is_refused_before_work(image_ds, tmp_path):
+    model_dir = save_checkpoint(tmp_path / "model", image_ds, seed=0)
+    weights = model_dir / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ConfigError, match="model.pt does not match the sha256 in its featx.json"):
+        extract(ExtractConfig.parse(dataset=image_ds, checkpoint=model_dir, out=tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # output
 

@@ -283,3 +283,49 @@ def test_a_restored_worker_continues_exactly_where_the_checkpoint_left_off(tmp_p
     after = model2.state_dict()
     for k, v in model.state_dict().items():
         assert torch.allclose(v, after[k], atol=1e-6), k
+
+
+def _card() -> dict:
+    return {
+        "classes": {"a": 0, "b": 1},
+        "class_names": ["a", "b"],
+        "normalisation": {},
+        "fingerprint": "f" * 64,
+    }
+
+
+def _checkpoint(folder, epoch: int, val_loss: float) -> None:
+    from featx.checkpoint import save_model_dir
+    from featx.models import create_model
+
+    torch.manual_seed(epoch)
+    model = create_model("cnn", "image", 2)
+    history = [{"epoch": e, "train_loss": 1.0, "val_loss": val_loss} for e in range(1, epoch + 1)]
+    metrics = {"last": history[-1], "history": history}
+    save_model_dir(folder, model, _card(), None, metrics, extra={"epoch": epoch})
+
+
+def test_a_checkpoint_cut_short_is_never_loaded_or_published(tmp_path):
+    """Ray copies a checkpoint file by file; a model.pt cut short beside a whole featx.json
+    is skipped by RUN_DIR's checkpoint list (the best whole one is published), and refused
+    with a clear error by every reader."""
+    from featx.checkpoint import CorruptModel, load_model
+    from featx.run_dir import checkpoints, publish
+
+    run = tmp_path / "run"
+    _checkpoint(run / "ray" / "checkpoint_000001", epoch=1, val_loss=0.9)
+    _checkpoint(run / "ray" / "checkpoint_000002", epoch=2, val_loss=0.5)  # the best ...
+    cut = run / "ray" / "checkpoint_000002" / "model.pt"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # ... cut short
+    assert [m["epoch"] for _, m in checkpoints(run)] == [1]
+    publish(run)
+    model, meta = load_model(run / "best")  # the whole one, verified
+    assert meta["epoch"] == 1
+    with pytest.raises(CorruptModel, match="does not match the sha256"):
+        load_model(run / "ray" / "checkpoint_000002")
+    from featx.train_loop import restore
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(CorruptModel):
+        restore(run / "ray" / "checkpoint_000002", model, opt, sched)
