@@ -151,5 +151,3 @@ def _manifest(cfg: ExtractConfig, plan: ExtractPlan) -> dict:
         "class_names": card["class_names"],
         "created_at": now,
     }
-
-

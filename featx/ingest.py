@@ -335,7 +335,6 @@ def _finished(out: Path) -> list[dict]:
     return [read_stats(p) for s in SPLITS for p in finished_shards(out, s)]
 
 
-
 def _card_content(card: dict) -> dict:
     """What a card says about the data: all but when and by which featx it was written."""
     skip = ("updated_at", "featx_version", "last_changes")
