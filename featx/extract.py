@@ -71,7 +71,10 @@ def extract(
         # Parts are written locally and pushed to the store before their version's manifest,
         # and that before the root manifest that makes it current (objects appear whole).
         last = ("*.parquet", f"{VERSIONS}/*/{MANIFEST}", MANIFEST)
-        with storage.staged_output(cfg.out, last=last, overwrite=cfg.overwrite) as local:
+        markers = (MANIFEST, VERSIONS)
+        with storage.staged_output(
+            cfg.out, last=last, overwrite=cfg.overwrite, markers=markers
+        ) as local:
             summary = extract(cfg.model_copy(update={"out": local, "overwrite": False}), progress)
         summary.out = storage.display(cfg.out)
         return summary

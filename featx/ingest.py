@@ -248,7 +248,8 @@ def _ingest_to_store(cfg: IngestConfig, progress) -> IngestSummary:
     if names and not names & {CARD, *SPLITS}:
         raise ConfigError([f"out: {storage.display(uri)} holds objects but no featx shards"])
     last = ("*/*_stats.json", TOKENIZER, REJECTED, CARD)
-    with storage.staged_output(uri, last=last, overwrite=cfg.overwrite) as local:
+    markers = (CARD, *SPLITS)
+    with storage.staged_output(uri, last=last, overwrite=cfg.overwrite, markers=markers) as local:
         summary = ingest(cfg.model_copy(update={"out": local, "overwrite": False}), progress)
     summary.out = storage.display(uri)
     return summary

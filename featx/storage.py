@@ -370,20 +370,27 @@ def delete_tree(loc) -> None:
 
 @contextlib.contextmanager
 def staged_output(
-    loc, *, last: tuple[str, ...] = (), skip: tuple[str, ...] = (), overwrite: bool = False
+    loc,
+    *,
+    last: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+    overwrite: bool = False,
+    markers: tuple[str, ...] = (),
 ):
     """Yield a local folder to write `loc`'s output into; push it to `loc` afterwards: how
     every stage writes to an object store.
 
     A local `loc` is yielded as it is. For a URI, `overwrite` first deletes what the store and
-    the staging folder hold (`clear`); then the staging folder is brought up to date with what
-    the store holds (so work done elsewhere is not redone), and pushed when the block ends,
-    also when it fails, so finished files of a failed run are kept.
+    the staging folder hold (`clear`), once `check_overwrite(loc, markers)` has found the
+    stage's own marker there; then the staging folder is brought up to date with what the
+    store holds (so work done elsewhere is not redone), and pushed when the block ends, also
+    when it fails, so finished files of a failed run are kept.
     """
     if not is_uri(loc):
         yield Path(loc)
         return
     if overwrite:
+        check_overwrite(loc, markers)
         clear(loc)
     local = staging(loc)
     n = pull(loc, local, skip=skip)
@@ -399,6 +406,33 @@ def staged_output(
         raise
     n = push(local, loc, last=last, skip=skip)
     log.info("pushed %d file(s) to %s", n, display(loc))
+
+
+def check_overwrite(loc, markers: tuple[str, ...]) -> None:
+    """--overwrite deletes only what featx made: `loc` (a folder or a prefix) must be missing,
+    empty, or hold one of `markers`, the files by which a stage knows its own output (a
+    dataset's card, a run's run.json, a features manifest). Raises ConfigError otherwise,
+    before anything is deleted."""
+    if not markers:
+        raise ValueError("check_overwrite needs the stage's markers")
+    if any(exists(join(loc, m)) for m in markers) or _empty(loc):
+        return
+    raise ConfigError(
+        [
+            f"out: refusing to --overwrite {display(loc)}: it holds no featx output of this "
+            f"stage (no {' or '.join(markers)} there), so it may hold data featx did not make; "
+            "nothing was deleted. Name the folder this stage wrote, or delete it yourself"
+        ]
+    )
+
+
+def _empty(loc) -> bool:
+    if not is_uri(loc):
+        return not Path(loc).is_dir() or not any(Path(loc).iterdir())
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(loc)
+    return not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
 
 
 def clear(loc) -> None:

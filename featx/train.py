@@ -72,6 +72,11 @@ class TrainResult:
         return asdict(self)
 
 
+# What makes a folder a RUN_DIR that --overwrite may delete: its run.json (written when a run
+# starts) or a published model.
+RUN_MARKERS = (RUN_FILE, "best/featx.json")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train `cfg.model` on `cfg.dataset` with Ray Train; returns the best model directory."""
     t0 = time.perf_counter()
@@ -82,7 +87,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # An object store: Ray Train writes checkpoints there directly (from any node); the driver
     # keeps a local mirror for run.json, best/ and the curves, and pushes them back.
     with storage.staged_output(
-        cfg.out, last=("best/featx.json",), overwrite=cfg.overwrite
+        cfg.out, last=("best/featx.json",), overwrite=cfg.overwrite, markers=RUN_MARKERS
     ) as local:
         result = _train(cfg.model_copy(update={"overwrite": False}), local, cfg.out, t0)
     result.run_dir = storage.display(cfg.out)
@@ -94,6 +99,7 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
     """Train with RUN_DIR `out` (a local folder; the staging mirror of `store` if given)."""
     card = load_card(cfg.dataset)
     if cfg.overwrite and out.exists():
+        storage.check_overwrite(out, RUN_MARKERS)  # never the dataset, `.`, or a home folder
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / RUN_FILE

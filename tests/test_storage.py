@@ -338,3 +338,22 @@ def test_locations_and_redaction():
     assert storage.display(Path("me@work/ds")) == "me@work/ds"  # a local path as it is
     a, b = storage.staging("s3://a/ds"), storage.staging("s3://b/ds")
     assert a != b and a.name.startswith("ds-")  # one staging folder per URI
+
+
+def test_overwrite_never_deletes_what_is_not_this_stages_output(s3, pipeline):
+    """`--overwrite` with an output prefix that holds other data (the bucket's root, holding
+    the dataset, the run and the features; or another stage's output) is refused before
+    anything is deleted, in the store as on disk."""
+    _, ds, run, feats, *_ = pipeline
+    sel = pafs.FileSelector(BUCKET, recursive=True)
+    before = {i.path: i.size for i in s3.get_file_info(sel)}
+    root = f"s3://{BUCKET}"
+    with pytest.raises(ConfigError, match="refusing to --overwrite"):
+        extract(ExtractConfig.parse(dataset=ds, checkpoint=run, out=root, overwrite=True))
+    with pytest.raises(ConfigError, match="refusing to --overwrite"):
+        extract(ExtractConfig.parse(dataset=ds, checkpoint=run, out=run, overwrite=True))
+    with pytest.raises(ConfigError, match="refusing to --overwrite"):
+        train(TrainConfig.parse(dataset=ds, out=ds, epochs=1, workers=1, overwrite=True))
+    with pytest.raises(ConfigError, match="no featx shards"):
+        ingest(IngestConfig.parse(src=Path(__file__).parent, out=feats, overwrite=True))
+    assert {i.path: i.size for i in s3.get_file_info(sel)} == before

@@ -93,6 +93,23 @@ def test_bad_train_config_stops_before_work(tmp_path, shards):
     assert not (tmp_path / "run").exists()
 
 
+def test_overwrite_deletes_only_a_run_dir(tmp_path, shards):
+    """`featx train DS --out DS --overwrite` (or `--out .`) would have deleted the dataset or
+    the working folder: a folder without run.json is refused, and nothing is deleted."""
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(shards, ds)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for out in (ds, mine):
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        r = run_cli("train", ds, "--out", out, "--overwrite", "--epochs", 1)
+        assert r.returncode == 2 and "refusing to --overwrite" in r.stderr + r.stdout
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 @pytest.mark.slow
 def test_two_workers_cover_the_split_learn_and_checkpoint(tmp_path, shards):
     run = tmp_path / "run"
