@@ -11,7 +11,6 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
-import pickle
 import shutil
 import sys
 from collections import deque
@@ -68,7 +67,7 @@ def decode(
     chunks = [args[i : i + chunk] for i in range(0, len(args), chunk)]
     spool = out / f"{SPOOL}{os.getpid()}"
     try:
-        spool.mkdir(exist_ok=True)
+        spool.mkdir(mode=0o700, exist_ok=True)
     except OSError as e:
         e.filename = str(out)  # the folder to fix, not our hidden temporary
         raise
@@ -188,7 +187,7 @@ def _result(future: Future | None) -> list | None:
 def _load(path: str) -> list:
     """The results N.work_chunk left in `path` (a file of this run's spool, then deleted)."""
     with open(path, "rb") as f:
-        out = pickle.load(f)
+        out = N.load_results(f.read())
     os.unlink(path)
     return out
 

@@ -8,11 +8,11 @@ becomes a `Rejected` with a reason from a fixed vocabulary, never an exception.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
 import os
-import pickle
 import tempfile
 import unicodedata
 import warnings
@@ -200,16 +200,52 @@ def work(arg: tuple):
 
 
 def work_chunk(args: list[tuple], spool: str) -> str:
-    """`work` over a chunk of inputs (one round trip to a pool process), pickled into a new
-    file in `spool`; returns its path. Results travel by file, not through the pool's shared
-    result pipe: a process killed while writing a large message there leaves half a message
-    that blocks the reader forever, while a path is one small write, which a pipe makes
-    atomic."""
+    """`work` over a chunk of inputs (one round trip to a pool process), written into a new
+    file in `spool` (`dump_results`); returns its path. Results travel by file, not through
+    the pool's shared result pipe: a process killed while writing a large message there
+    leaves half a message that blocks the reader forever, while a path is one small write,
+    which a pipe makes atomic."""
     out = [work(a) for a in args]
-    fd, path = tempfile.mkstemp(dir=spool, suffix=".pickle")
+    fd, path = tempfile.mkstemp(dir=spool, suffix=".results")
     with os.fdopen(fd, "wb") as f:
-        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.write(dump_results(out))
     return path
+
+
+# The spool's format: plain data, never pickle (anyone who can write to OUT could otherwise
+# run code in featx). Per result: a 4-byte big-endian length, a JSON header (the class, its
+# text fields, and the length of each bytes field), then those bytes in order.
+def dump_results(results: list) -> bytes:
+    chunks = []
+    for r in results:
+        fields = dataclasses.asdict(r)
+        blobs = {k: v for k, v in fields.items() if isinstance(v, bytes)}
+        head = {
+            "kind": type(r).__name__,
+            "fields": {k: v for k, v in fields.items() if k not in blobs},
+            "blobs": [[k, len(v)] for k, v in blobs.items()],
+        }
+        raw = json.dumps(head).encode()
+        chunks += [len(raw).to_bytes(4, "big"), raw, *blobs.values()]
+    return b"".join(chunks)
+
+
+def load_results(data: bytes) -> list:
+    """The results `dump_results` wrote; ValueError on anything else."""
+    kinds = {"Normalised": Normalised, "Rejected": Rejected}
+    out, pos = [], 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        head = json.loads(data[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+        fields = dict(head["fields"])
+        for name, size in head["blobs"]:
+            fields[name] = data[pos : pos + size]
+            pos += size
+        if head["kind"] not in kinds or pos > len(data):
+            raise ValueError("not a featx decode spool file")
+        out.append(kinds[head["kind"]](**fields))
+    return out
 
 
 def sniff(path: str) -> str | None:

@@ -897,3 +897,30 @@ def test_a_partly_labelled_manifest_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"2 of 4 rows of m.csv have no label \(lines 3, 5\)"):
         run(tmp_path / "m.csv", tmp_path / "out", workers=1)
     assert not list(in_splits(tmp_path / "out", "*"))  # nothing written
+
+
+# ---------------------------------------------------------------------------------------------
+# the decode spool holds plain data
+
+
+def test_the_decode_spool_is_plain_data_and_a_planted_pickle_never_runs(tmp_path):
+    """Decoded results travel through files in OUT; anyone who can write to OUT could plant
+    one. They are a framed JSON + bytes format: a pickle planted there is an error, not code
+    run in featx."""
+    import pickle
+
+    res = [
+        N.Normalised("a" * 64, "png", b"", "b" * 64, {"size": [4, 4]}, "k", "train", b"\0tar"),
+        N.Rejected(N.DUPLICATE, "duplicate of k", "c" * 64),
+    ]
+    assert N.load_results(N.dump_results(res)) == res
+
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "ran",))
+
+    with pytest.raises(ValueError):
+        N.load_results(pickle.dumps([Boom()]))
+    assert not (tmp_path / "ran").exists()
+    featx_src = Path(N.__file__).parent
+    assert not [p for p in featx_src.rglob("*.py") if "import pickle" in p.read_text()]
