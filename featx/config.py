@@ -108,6 +108,12 @@ class IngestConfig(StageConfig):
     vocab_size: int = Field(
         2000, ge=64, le=1_000_000, description="Text: tokenizer vocabulary size."
     )
+    max_input_bytes: int = Field(
+        1 << 30,
+        ge=1024,
+        description="Inputs larger than this many bytes are rejected as `too large` without "
+        "being read (each input is read whole to decode it).",
+    )
     compact: bool = Field(
         False,
         description="Merge the small shards (under half of --shard-samples) of each split now, "

@@ -310,7 +310,10 @@ def _run_on_ray(
         return [(it, raw if isinstance(raw, N.Rejected) else next(merged)) for it, raw in chunk]
 
     for start in range(0, len(pending), RAY_CHUNK):
-        chunk = [(it, N.read_input(it.path, it.text)) for it in pending[start : start + RAY_CHUNK]]
+        chunk = [
+            (it, N.read_input(it.path, it.text, params.max_input_bytes))
+            for it in pending[start : start + RAY_CHUNK]
+        ]
         ok = [(it, raw) for it, raw in chunk if not isinstance(raw, N.Rejected)]
         infos = [(it.source, it.label, it.split) for it, _ in ok]
         inflight.append((chunk, task.remote([raw for _, raw in ok], infos, params, layout)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -40,6 +41,7 @@ from featx.dataset.reasons import (  # noqa: F401 (featx.normalize.EMPTY ... sta
     PATH_ESCAPE,
     SYMLINK_DIR,
     SYMLINK_ESCAPE,
+    TOO_LARGE,
     TOO_SHORT,
     TRUNCATED,
     UNREADABLE,
@@ -68,6 +70,7 @@ class Params:
     encoding: str | None
     max_chars: int
     min_chars: int
+    max_input_bytes: int
 
     @classmethod
     def of(cls, config=None, **changes) -> Params:
@@ -114,21 +117,44 @@ class Rejected:
 
 def process(path: str | None, text: str | None, modality: str, p: Params):
     """Normalise one input given by file path or inline text; returns Normalised or Rejected."""
-    raw = read_input(path, text)
+    raw = read_input(path, text, p.max_input_bytes)
     return raw if isinstance(raw, Rejected) else process_raw(raw, path, modality, p)
 
 
-def read_input(path: str | None, text: str | None) -> bytes | Rejected:
-    """The bytes of an input (a file, or inline manifest text), or why it cannot be read."""
+def read_input(
+    path: str | None, text: str | None, max_bytes: int | None = None
+) -> bytes | Rejected:
+    """The bytes of an input (a file, or inline manifest text), or why it cannot be read.
+
+    `path` is the real path discovery found (symlinks resolved and checked to stay in SRC).
+    It is opened without following a link, and the file opened must still be at that real
+    path: a file swapped for a symlink (to ~/.aws/credentials, say) between discovery and
+    now is refused, not read. At most `max_bytes` are read; a larger input is `too large`.
+    """
     if path is None:
         return (text or "").encode("utf-8")
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except PermissionError as e:
-        return Rejected(UNREADABLE, f"cannot read: {e.strerror}")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            return Rejected(
+                SYMLINK_ESCAPE, "is a symlink now (it was a file when found); not followed"
+            )
         return Rejected(UNREADABLE, f"cannot read: {e.strerror or e}")
+    with os.fdopen(fd, "rb") as f:
+        opened = f"/proc/self/fd/{fd}"
+        if os.path.exists(opened) and os.path.realpath(opened) != os.path.realpath(path):
+            return Rejected(SYMLINK_ESCAPE, "a folder on its path became a symlink; not followed")
+        size = os.fstat(fd).st_size
+        if max_bytes is not None and size > max_bytes:
+            return Rejected(TOO_LARGE, f"{size} bytes, over --max-input-bytes {max_bytes}")
+        try:
+            data = f.read(max_bytes + 1 if max_bytes is not None else -1)
+        except OSError as e:
+            return Rejected(UNREADABLE, f"cannot read: {e.strerror or e}")
+    if max_bytes is not None and len(data) > max_bytes:  # it grew while being read
+        return Rejected(TOO_LARGE, f"over --max-input-bytes {max_bytes}")
+    return data
 
 
 def process_chunk(raws: list, infos: list, p: Params, layout: Layout) -> tuple[str, list]:

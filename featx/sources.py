@@ -99,6 +99,7 @@ def _tree(src: Path) -> tuple[list[Item], list[Reject], str]:
                 if not os.path.isfile(target):
                     rejects.append(Reject(rel, R.BROKEN_SYMLINK, "target missing or a loop"))
                     continue
+                full = target  # read the checked target itself, never through the link
             try:
                 st = os.stat(full)
             except OSError as e:

@@ -924,3 +924,50 @@ def test_the_decode_spool_is_plain_data_and_a_planted_pickle_never_runs(tmp_path
     assert not (tmp_path / "ran").exists()
     featx_src = Path(N.__file__).parent
     assert not [p for p in featx_src.rglob("*.py") if "import pickle" in p.read_text()]
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs are opened safely
+
+
+def test_a_file_swapped_for_a_symlink_after_discovery_is_not_read(tmp_path, monkeypatch):
+    """Discovery checks symlinks; decoding happens later. A file (or a folder on its path)
+    swapped for a link to a secret between the two is refused, and the secret is in no
+    shard."""
+    import featx.ingest
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(6):
+        make_text(src / "a" / f"{i}.txt", seed=i)
+        make_text(src / "b" / f"{i}.txt", seed=10 + i)
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_secret_access_key = CANARY-do-not-ingest\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "0.txt").symlink_to(secret)
+    found = featx.ingest.discover
+
+    def discover_then_swap(path):
+        result = found(path)
+        (src / "a" / "1.txt").unlink()
+        (src / "a" / "1.txt").symlink_to(secret)  # the file becomes a link
+        (src / "b").rename(tmp_path / "b-moved")
+        (src / "b").symlink_to(elsewhere)  # a folder on the path becomes a link
+        return result
+
+    monkeypatch.setattr(featx.ingest, "discover", discover_then_swap)
+    s = run(src, out, workers=1, vocab_size=300)
+    assert s.rejected.get(N.SYMLINK_ESCAPE) == 2
+    assert not any(b"CANARY" in v for v in tar_members(out).values())
+    details = {r["source"]: r["detail"] for r in rejected(out).values()}
+    assert "not followed" in details["a/1.txt"] and "not followed" in details["b/0.txt"]
+
+
+def test_an_input_over_max_input_bytes_is_rejected_unread(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "src" / "c" / f"{i}.png", seed=i, size=(24, 24))
+    big = tmp_path / "src" / "c" / "big.bmp"
+    Image.new("RGB", (200, 200)).save(big)
+    s = run(tmp_path / "src", tmp_path / "out", workers=1, max_input_bytes=20_000)
+    assert s.ingested == 4 and s.rejected == {N.TOO_LARGE: 1}
+    assert rejected(tmp_path / "out")["c/big.bmp"]["detail"].startswith("120054 bytes")

@@ -25,6 +25,7 @@ HIDDEN = "hidden file"
 CHANGED = "changed after ingest"
 CRASHED = "crashed the decoder"  # its process died on it twice
 OUT_OF_MEMORY = "out of memory"
+TOO_LARGE = "too large"  # over --max-input-bytes: never read whole
 
 # Rejects that may not happen again: the next run tries the input again instead of taking the
 # reject from the cache (a `chmod` fixes an unreadable file without changing its mtime).
@@ -35,5 +36,6 @@ REASONS = frozenset(
         EMPTY, NOT_UTF8, CORRUPT, TRUNCATED, NOT_DECODABLE, UNSUPPORTED, BOMB, BINARY_TEXT,
         TOO_SHORT, UNREADABLE, DUPLICATE, SYMLINK_ESCAPE, BROKEN_SYMLINK, SYMLINK_DIR,
         PATH_ESCAPE, MISSING, BAD_ROW, OUTSIDE_CLASSES, HIDDEN, CHANGED, CRASHED, OUT_OF_MEMORY,
+        TOO_LARGE,
     }
 )  # fmt: skip
