@@ -43,7 +43,7 @@ class RankData:
         batches = self.batches("train", collate, seed, (rank, world))
         if self.loader == "shards":  # shares known up front: no per-step agreement needed
             return fixed_steps(batches, steps)
-        return in_step(batches, world)
+        return in_step(batches, world, self.device)
 
 
 def shard_lists(card: dict, dataset, splits: list[str]) -> dict[str, list[tuple[str, int]]]:
@@ -227,11 +227,12 @@ def fixed_steps(batches, steps: int):
         )
 
 
-def in_step(batches, world: int):
+def in_step(batches, world: int, device):
     """Yield each local batch, then None until every rank has run out (one all-reduce a step).
 
     Ray's equal split would drop up to world-1 rows an epoch; an unequal split covers every
-    row once, and this keeps the ranks in lock-step while their counts differ by a batch.
+    row once, and this keeps the ranks in lock-step while their counts differ by a batch. The
+    flag lives on the rank's device: NCCL (`--gpu`) refuses CPU tensors.
     """
     import torch
     import torch.distributed as dist
@@ -242,7 +243,7 @@ def in_step(batches, world: int):
     it = iter(batches)
     while True:
         batch = next(it, None)
-        flag = torch.tensor([0 if batch is None else 1])
+        flag = torch.tensor([0 if batch is None else 1], device=device)
         dist.all_reduce(flag)
         if flag.item() == 0:
             return

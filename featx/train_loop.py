@@ -274,8 +274,7 @@ def reduce_metrics(
     rank_nodes = [node_id]
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(summed)
-        rank_nodes = [None] * world
-        dist.all_gather_object(rank_nodes, node_id)
+        rank_nodes = gather_strings(node_id, world, device)
     metrics = {
         "train_loss": summed[0].item() / max(summed[2].item(), 1),
         "train_accuracy": summed[1].item() / max(summed[2].item(), 1),
@@ -303,9 +302,21 @@ def evaluate(model, batches, autocast=None) -> dict:
     return {"val_loss": loss_sum / max(n, 1), "val_accuracy": correct / max(n, 1)}
 
 
+def gather_strings(text: str, world: int, device, size: int = 128) -> list[str]:
+    """Every rank's `text` (at most `size` UTF-8 bytes), in rank order: a tensor all_gather on
+    the rank's device, not `all_gather_object`, whose pickled CPU tensors NCCL refuses."""
+    raw = text.encode()[:size]
+    mine = torch.zeros(size + 1, dtype=torch.uint8, device=device)
+    mine[0] = len(raw)
+    mine[1 : 1 + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8, device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    return [bytes(t[1 : 1 + int(t[0])].tolist()).decode() for t in every]
+
+
 def stop_together(stop: bool, world: int, device) -> bool:
     """Rank 0's decision, on every rank (a broadcast), so all ranks leave the same epoch."""
-    flag = torch.tensor([int(stop)]).to(device)
+    flag = torch.tensor([int(stop)], device=device)
     if world > 1 and dist.is_initialized():
         dist.broadcast(flag, 0)
     return bool(flag.item())

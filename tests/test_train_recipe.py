@@ -329,3 +329,71 @@ def test_a_checkpoint_cut_short_is_never_loaded_or_published(tmp_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     with pytest.raises(CorruptModel):
         restore(run / "ray" / "checkpoint_000002", model, opt, sched)
+
+
+# -- the collectives `--gpu` runs -----------------------------------------------------------------
+
+
+def _refuse_tensors_off(device) -> None:
+    """Make this process's collectives refuse a tensor that is not on `device`, as NCCL
+    refuses CPU tensors, and refuse `all_gather_object` (pickled CPU tensors under NCCL)."""
+    import torch.distributed as dist
+
+    def guard(name, real):
+        def check(*args, **kw):
+            flat = [t for a in args for t in (a if isinstance(a, list) else [a])]
+            off = [t.device for t in flat if isinstance(t, torch.Tensor) and t.device != device]
+            if off:
+                raise RuntimeError(f"{name}: tensors must be on {device} (NCCL), got {off}")
+            return real(*args, **kw)
+
+        return check
+
+    for name in ("all_reduce", "broadcast", "all_gather"):
+        setattr(dist, name, guard(name, getattr(dist, name)))
+
+    def no_objects(*a, **k):
+        raise RuntimeError("all_gather_object sends CPU tensors, which NCCL refuses")
+
+    dist.all_gather_object = no_objects
+
+
+def _collectives_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from featx.train_data import in_step
+    from featx.train_loop import EpochTotals, reduce_metrics, stop_together
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    device = torch.device("cpu")  # the rank's device; the default device below is another
+    _refuse_tensors_off(device)
+    # A tensor made without device= lands on the default device, "meta" here, and is refused,
+    # as a CPU tensor is on a GPU rank.
+    with torch.device("meta"):
+        totals = EpochTotals(loss_sum=2.0 * (rank + 1), correct=rank + 1, seen=4)
+        metrics, nodes = reduce_metrics(totals, 1.0, f"node-{rank}", world, device)
+        stop = stop_together(rank == 0, world, device)
+        steps = list(in_step(iter(range(rank + 1)), world, device))  # 1 batch, then 2
+    Path(out_dir, f"{rank}.json").write_text(
+        json.dumps({"metrics": metrics, "nodes": nodes, "stop": stop, "steps": steps})
+    )
+    dist.destroy_process_group()
+
+
+def test_the_collectives_keep_their_tensors_on_the_ranks_device(tmp_path):
+    """The metrics all-reduce, the node-id gather, early stopping's broadcast and the Ray
+    loader's step agreement, in a real 2-rank process group whose collectives refuse tensors
+    off the rank's device (what NCCL does with CPU tensors under --gpu)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_collectives_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["nodes"] == ["node-0", "node-1"] and r["stop"] is True
+        assert r["metrics"]["samples"] == 8 and r["metrics"]["train_loss"] == 6.0 / 8
+    assert ranks[0]["steps"] == [0, None] and ranks[1]["steps"] == [0, 1]
