@@ -201,7 +201,7 @@ def probe(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
         raise typer.Exit(2) from None
     # The feature kind goes in the caption: as a header it would wrap an 80-column terminal.
     caption = f"classic: {r.classic_features}" if r.classic_features else None
-    t = Table(title=f"linear probe: {values['features']}", caption=caption)
+    t = Table(title=f"linear probe: {r.features_dir}", caption=caption)
     for col in ("split", "rows", "probe accuracy", "random-init baseline", "classic", "majority"):
         t.add_column(col)
     for split, d in r.splits.items():

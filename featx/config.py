@@ -22,6 +22,19 @@ Modality = Literal["image", "text", "audio"]
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_credentials(cls, values):
+        """Credentials inside a storage URI move to the process's environment before the
+        config exists, so no config (and nothing made from one: flow parameters, artifacts,
+        reports, logs) ever holds them."""
+        from featx.storage import lift_credentials
+
+        if not isinstance(values, dict):
+            return values
+        seen: dict[str, str] = {}
+        return {k: lift_credentials(v, seen) for k, v in values.items()}
+
     @classmethod
     def parse(cls, **values):
         """Build the config, turning pydantic's errors into one ConfigError with every problem."""
@@ -33,6 +46,8 @@ class StageConfig(BaseModel):
                 where = ".".join(str(p) for p in err["loc"])
                 if where:
                     problems.append(f"{where}: {err['msg']}")
+                elif isinstance(err.get("ctx", {}).get("error"), ConfigError):
+                    problems += err["ctx"]["error"].problems  # from a model validator
             # Cross-field rules do not run when a field fails; run them here so one error
             # lists everything that needs fixing.
             defaults = {k: f.default for k, f in cls.model_fields.items()}

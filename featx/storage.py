@@ -62,6 +62,35 @@ def redact(address: str) -> str:
     return _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", address)
 
 
+# the user part runs to the last "@" before the bucket (a secret may hold an "@")
+_S3_USERINFO = re.compile(r"^(s3://)([^/?#]*)@([^/?#@]*(?:[/?#].*)?)$", re.IGNORECASE | re.DOTALL)
+
+
+def lift_credentials(loc, seen: dict[str, str] | None = None):
+    """`loc` without the credentials of `s3://KEY:SECRET@bucket/...`, which go instead to
+    AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY of this process (pyarrow reads them there, and
+    so do the processes of a local Ray it starts). A URI with credentials would otherwise be
+    copied into configs, Prefect's flow-run parameters and artifacts, reports and logs.
+    `seen` collects the credentials lifted so far: two URIs with different ones are refused."""
+    if not isinstance(loc, str):
+        return loc
+    m = _S3_USERINFO.match(loc)
+    if m is None:
+        return loc
+    from urllib.parse import unquote
+
+    key, _, secret = m.group(2).partition(":")
+    creds = {"AWS_ACCESS_KEY_ID": unquote(key), "AWS_SECRET_ACCESS_KEY": unquote(secret)}
+    if seen is not None:
+        if seen and seen != creds:
+            raise ConfigError(
+                [f"{redact(loc)}: another URI of this run carries other credentials; use one"]
+            )
+        seen.update(creds)
+    os.environ.update({k: v for k, v in creds.items() if v})
+    return m.group(1) + m.group(3)
+
+
 def display(loc) -> str:
     """The location for logs and errors, with any credentials in the URI hidden."""
     text = str(loc)

@@ -310,6 +310,22 @@ def test_redact_hides_the_user_part_of_an_address(address, shown):
     assert cluster.redact is storage.redact  # what init_ray logs a cluster address with
 
 
+def test_credentials_in_a_uri_move_to_the_environment_before_any_config(monkeypatch):
+    """A config never holds the credentials of an `s3://KEY:SECRET@bucket` URI: they move to
+    the AWS variables pyarrow reads; two URIs with different credentials are refused."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    cfg = ExtractConfig.parse(
+        dataset="s3://AK:p@ss@bucket/ds", checkpoint="s3://AK:p@ss@bucket/run", out="s3://b/f"
+    )
+    assert (cfg.dataset, cfg.checkpoint) == ("s3://bucket/ds", "s3://bucket/run")
+    assert "p@ss" not in cfg.model_dump_json()
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "AK" and os.environ["AWS_SECRET_ACCESS_KEY"] == "p@ss"
+    assert storage.lift_credentials("s3://bucket/photos/a@2x.png") == "s3://bucket/photos/a@2x.png"
+    with pytest.raises(ConfigError, match="other credentials"):
+        ExtractConfig.parse(dataset="s3://A:x@b/ds", checkpoint="s3://B:y@b/run", out="s3://b/f")
+
+
 def test_downloads_are_published_whole_or_not_at_all(tmp_path):
     """Downloads and caches write through `fsutil.atomic_path`: a failed write leaves neither
     the file nor a temporary, and a finished one is in place under its name."""
@@ -357,3 +373,33 @@ def test_overwrite_never_deletes_what_is_not_this_stages_output(s3, pipeline):
     with pytest.raises(ConfigError, match="no featx shards"):
         ingest(IngestConfig.parse(src=Path(__file__).parent, out=feats, overwrite=True))
     assert {i.path: i.size for i in s3.get_file_info(sel)} == before
+
+
+def test_credentials_in_a_uri_reach_no_output_log_or_prefect_record(s3, tmp_path):
+    """A whole `featx pipeline` run with the access key and secret inside its workdir URI
+    (`s3://KEY:SECRET@bucket/...`): the secret is in no object of the bucket, no staged or
+    cached file, not in report.md, the Prefect database and logs (artifacts, flow-run
+    parameters, printed lines), the command's output or a Ray log."""
+    secret = f"uri-canary-{uuid.uuid4().hex}"
+    workdir = f"s3://featx-uri-key:{secret}@{BUCKET}/uri-pipeline"
+    src = text_source(tmp_path / "src", n=24)
+    home, cache = tmp_path / "prefect-home", tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_ADDRESS"))}
+    env.update(PREFECT_HOME=str(home), FEATX_CACHE=str(cache))
+    cmd = [sys.executable, "-m", "featx.cli", "pipeline", str(src), "--workdir", workdir]
+    cmd += ["--epochs", "1", "--workers", "1", "--batch-size", "8", "--shard-samples", "8"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "uri-pipeline" in r.stdout + r.stderr  # it did talk about its workdir, redacted
+    needle = secret.encode()
+    leaks = [name for name, text in (("stdout", r.stdout), ("stderr", r.stderr)) if secret in text]
+    sel = pafs.FileSelector(BUCKET, recursive=True)
+    objs = [i.path for i in s3.get_file_info(sel) if i.type == pafs.FileType.File]
+    assert any(p.endswith("uri-pipeline/report.md") for p in objs)
+    leaks += [p for p in objs if needle in s3.open_input_stream(p).read()]
+    files = [p for root in (home, cache) for p in root.rglob("*") if p.is_file()]
+    ray_logs = Path("/tmp/ray/session_latest/logs")
+    files += [p for p in ray_logs.rglob("*") if p.is_file()] if ray_logs.is_dir() else []
+    assert any(p.suffix == ".db" for p in files), "the Prefect database was not found"
+    leaks += [str(p) for p in files if needle in p.read_bytes()]
+    assert not leaks
