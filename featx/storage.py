@@ -321,7 +321,9 @@ def _stamp(st: os.stat_result) -> list[int]:
 
 def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
     """Download the files under `uri` that `local` lacks or has in another size; returns how
-    many. Paths matching a `skip` pattern are left out."""
+    many. Paths matching a `skip` pattern are left out, and so are hidden names (an upload cut
+    short, see `_upload`). A local file that an earlier pull or push put there and the store
+    no longer has is removed (featx deleted it there: a compacted shard, a pruned version)."""
     import pyarrow.fs as pafs
 
     from featx.fsutil import atomic_path
@@ -330,13 +332,17 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
     local.mkdir(parents=True, exist_ok=True)
     index = _index(local)
     have = _local_files(local)
+    listed: set[str] = set()
     n = 0
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(root) :].lstrip("/")
-        if any(fnmatch.fnmatch(rel, p) for p in skip):
+        if any(fnmatch.fnmatch(rel, p) for p in skip) or any(
+            part.startswith(".") for part in rel.split("/")
+        ):
             continue
+        listed.add(rel)
         if rel in have and have[rel].st_size == info.size:
             continue
         dest = local / rel
@@ -345,8 +351,17 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
             _download(fs, info.path, tmp)
         index[rel] = _stamp(dest.stat())
         n += 1
+    for rel in sorted(set(index) - listed):
+        if rel in have and index[rel] == _stamp(have[rel]) and not _skipped(rel, skip):
+            (local / rel).unlink()  # unchanged since featx pulled or pushed it
+        if not _skipped(rel, skip):
+            del index[rel]
     _save_index(local, index)
     return n
+
+
+def _skipped(rel: str, skip: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) for p in skip)
 
 
 def push(local: Path, uri: str, last: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> int:
@@ -371,9 +386,7 @@ def push(local: Path, uri: str, last: tuple[str, ...] = (), skip: tuple[str, ...
         for rel in sorted(rank, key=lambda r: (rank[r], r)):
             src = local / rel
             stamp = _stamp(src.stat())
-            with open(src, "rb") as f, fs.open_output_stream(f"{root}/{rel}") as out:
-                while block := f.read(1 << 22):
-                    out.write(block)
+            _upload(fs, src, f"{root}/{rel}")
             index[rel] = stamp
             n += 1
         for rel in sorted(set(index) - set(files)):
@@ -384,6 +397,26 @@ def push(local: Path, uri: str, last: tuple[str, ...] = (), skip: tuple[str, ...
     finally:
         _save_index(local, index)
     return n
+
+
+def _upload(fs, src: Path, dest: str) -> None:
+    """Upload `src` so that `dest` appears whole or not at all. An output stream commits what
+    it holds when closed, also when an error (or Ctrl-C) closes it half way; so the bytes go to
+    a hidden name beside `dest` first, and a server-side move publishes them once complete. A
+    half upload is deleted, or left under its hidden name, which pull and readers skip."""
+    import uuid
+
+    folder, _, name = dest.rpartition("/")
+    tmp = f"{folder}/.{name}.upload-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(src, "rb") as f, fs.open_output_stream(tmp) as out:
+            while block := f.read(1 << 22):
+                out.write(block)
+        fs.move(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.delete_file(tmp)
+        raise
 
 
 def delete_tree(loc) -> None:
