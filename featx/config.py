@@ -346,7 +346,8 @@ class TrainConfig(StageConfig):
         )
 
     def run_fingerprint(self) -> dict:
-        """What a resumed run must share with the run it resumes (of a resolved config)."""
+        """What a resumed run, or a new version in the same RUN_DIR, must share with the run
+        before it: taken before `resolve`, so automatic settings are None."""
         return self.model_dump(
             mode="json", include={"model", "preset", "batch_size", "lr", "seed", "workers"}
         )

@@ -77,26 +77,41 @@ class TrainResult:
 RUN_MARKERS = (RUN_FILE, "best/featx.json")
 
 
+def same_settings(prior: dict, requested: dict) -> bool:
+    """A RUN_DIR's recorded settings against those asked for now: equal, where an automatic
+    one (None) matches what any earlier run recorded for it (run.json of featx before this
+    recorded the resolved value)."""
+    return all(v is None or prior.get(k) == v for k, v in requested.items()) and set(prior) <= set(
+        requested
+    )
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train `cfg.model` on `cfg.dataset` with Ray Train; returns the best model directory."""
     t0 = time.perf_counter()
     cfg.check_paths()
+    # The settings as asked for: "auto" (None) stays auto, so a dataset that grew (and gets
+    # another automatic batch size) trains a new version instead of being refused.
+    requested = cfg.run_fingerprint()
     cfg = cfg.resolve(load_card(cfg.dataset))
     if not is_uri(cfg.out):
-        return _train(cfg, cfg.out.resolve(), None, t0)
+        return _train(cfg, cfg.out.resolve(), None, t0, requested)
     # An object store: Ray Train writes checkpoints there directly (from any node); the driver
     # keeps a local mirror for run.json, best/ and the curves, and pushes them back.
     with storage.staged_output(
         cfg.out, last=("best/featx.json",), overwrite=cfg.overwrite, markers=RUN_MARKERS
     ) as local:
-        result = _train(cfg.model_copy(update={"overwrite": False}), local, cfg.out, t0)
+        result = _train(cfg.model_copy(update={"overwrite": False}), local, cfg.out, t0, requested)
     result.run_dir = storage.display(cfg.out)
     result.best_dir = storage.display(storage.join(cfg.out, "best"))
     return result
 
 
-def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainResult:
-    """Train with RUN_DIR `out` (a local folder; the staging mirror of `store` if given)."""
+def _train(
+    cfg: TrainConfig, out: Path, store: str | None, t0: float, requested: dict
+) -> TrainResult:
+    """Train with RUN_DIR `out` (a local folder; the staging mirror of `store` if given);
+    `requested` is the run's settings as asked for (automatic ones None)."""
     card = load_card(cfg.dataset)
     if cfg.overwrite and out.exists():
         storage.check_overwrite(out, RUN_MARKERS)  # never the dataset, `.`, or a home folder
@@ -106,7 +121,7 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
     prior = json.loads(run_file.read_text()) if run_file.exists() else None
     version, warm_from = 1, None
     if prior:
-        if prior["config"] != cfg.run_fingerprint():
+        if not same_settings(prior["config"], requested):
             raise ConfigError(
                 [
                     f"out: {out} holds a run with other settings ({prior['config']}); "
@@ -168,7 +183,7 @@ def _train(cfg: TrainConfig, out: Path, store: str | None, t0: float) -> TrainRe
         # the first ingest) is never changed under a model.
         _fit_run_tokenizer(cfg.dataset, card, out / TOKENIZER_FILE)
     if not prior:
-        run = {"config": cfg.run_fingerprint(), "dataset": card["fingerprint"], "version": version}
+        run = {"config": requested, "dataset": card["fingerprint"], "version": version}
         atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
     if store and (snapshot or not prior):
         storage.push(out, store)  # so a driver elsewhere resumes with the same checks

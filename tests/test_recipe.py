@@ -102,5 +102,22 @@ def test_train_config_resolves_defaults_from_the_data_and_keeps_what_was_given(t
         dataset=tmp_path, out=tmp_path / "run", batch_size=16, epochs=3, lr=1e-4
     ).resolve(card)
     assert (given.batch_size, given.epochs, given.lr) == (16, 3, 1e-4)
-    # what a resumed run must share is the resolved values
-    assert r.run_fingerprint()["batch_size"] == 8 and r.run_fingerprint()["lr"] == 5e-3
+
+
+def test_a_grown_dataset_with_another_automatic_batch_size_is_the_same_settings(tmp_path):
+    """The nightly train after the dataset grew: its automatic batch size changes with the
+    data, and that must not read as "other settings" (the run was refused: found by
+    bench_cycle.py at 1,200 images). An explicit change still is."""
+    from featx.train import same_settings
+
+    cfg = TrainConfig.parse(dataset=tmp_path, out=tmp_path / "run")
+    small, grown = ({"counts": {"train": {"total": n}}} for n in (240, 4800))
+    assert cfg.resolve(small).batch_size != cfg.resolve(grown).batch_size
+    recorded = cfg.run_fingerprint()  # what run.json keeps: automatic settings as None
+    assert recorded["batch_size"] is None and recorded["lr"] is None
+    assert same_settings(recorded, cfg.run_fingerprint())
+    # a RUN_DIR of an earlier featx recorded the resolved values: still the same settings
+    assert same_settings(cfg.resolve(small).run_fingerprint(), cfg.run_fingerprint())
+    other = TrainConfig.parse(dataset=tmp_path, out=tmp_path / "run", batch_size=64)
+    assert not same_settings(recorded, other.run_fingerprint())
+    assert not same_settings(recorded, cfg.model_copy(update={"model": "rnn"}).run_fingerprint())
