@@ -298,14 +298,22 @@ def _run_on_ray(
     if not ray.is_initialized():
         init_ray(address, worker_logs=False)
     # SPREAD: decode work fans out over every node, instead of piling onto the node that
-    # holds the inputs' bytes (this one) while the others start their workers.
-    task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(N.process_chunk)
+    # holds the inputs' bytes (this one) while the others start their workers. One retry: a
+    # chunk whose process dies twice is split, and each input tried on its own (below).
+    task = ray.remote(num_cpus=1, max_retries=1, scheduling_strategy="SPREAD")(N.process_chunk)
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     inflight: deque = deque()
+    held = 0  # raw bytes in flight: the window closes at RAY_BYTES_IN_FLIGHT too
 
-    def results(chunk, ref):
-        node, out = ray.get(ref)
-        nodes.add(node)
+    def results(chunk, ref, size):
+        nonlocal held
+        held -= size
+        ok = [(it, raw) for it, raw in chunk if not isinstance(raw, N.Rejected)]
+        try:
+            node, out = ray.get(ref)
+            nodes.add(node)
+        except ray.exceptions.WorkerCrashedError:
+            out = [_alone(task, it, raw, params, layout, nodes) for it, raw in ok]
         merged = iter(out)
         return [(it, raw if isinstance(raw, N.Rejected) else next(merged)) for it, raw in chunk]
 
@@ -316,11 +324,31 @@ def _run_on_ray(
         ]
         ok = [(it, raw) for it, raw in chunk if not isinstance(raw, N.Rejected)]
         infos = [(it.source, it.label, it.split) for it, _ in ok]
-        inflight.append((chunk, task.remote([raw for _, raw in ok], infos, params, layout)))
-        if len(inflight) >= window:
+        size = sum(len(raw) for _, raw in ok)
+        inflight.append((chunk, task.remote([raw for _, raw in ok], infos, params, layout), size))
+        held += size
+        while inflight and (len(inflight) >= window or held > RAY_BYTES_IN_FLIGHT):
             yield from results(*inflight.popleft())
     while inflight:
         yield from results(*inflight.popleft())
+
+
+# Raw input bytes the driver holds for tasks in flight, at most (and a window of chunks).
+RAY_BYTES_IN_FLIGHT = 256 << 20
+
+
+def _alone(task, it: Item, raw: bytes, params, layout, nodes: set[str]):
+    """One input of a chunk whose process died twice, in a task of its own: its result, or
+    `crashed the decoder` when it kills that process too (the poisonous input)."""
+    import ray
+
+    try:
+        node, [res] = ray.get(task.remote([raw], [(it.source, it.label, it.split)], params, layout))
+    except ray.exceptions.WorkerCrashedError:
+        log.warning("%s killed its worker process twice (on Ray); rejected", it.source)
+        return N.Rejected(R.CRASHED, "its decoding process died on it twice (on Ray)")
+    nodes.add(node)
+    return res
 
 
 def _entry(item: Item, res: N.Normalised) -> dict:
