@@ -63,7 +63,7 @@ def demo(
         )
     console.print(t)
     for name, features, _, report in rows:
-        console.print(f"[bold]{name}[/]: features {features}/ (Parquet), report {report}")
+        console.print(f"[bold]{name}[/]: features {features}/current/ (Parquet), report {report}")
 
 
 def pipeline(values: dict) -> None:
