@@ -115,7 +115,9 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         params = N.Params.of(cfg)
         extra = {"modality": modality, "classes": classes, "normalisation": cfg.normalisation()}
         writers = {
-            s: ShardWriter(out, s, C.next_index(out, s), cfg.shard_samples, cfg.shard_bytes, extra)
+            s: ShardWriter(
+                out, s, C.next_index(found, s), cfg.shard_samples, cfg.shard_bytes, extra
+            )
             for s in SPLITS
         }
         # Samples already in finished shards, by the hash of their normalised payload (shards
@@ -163,14 +165,19 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         # Shards that lose samples, and small shards past the threshold, are rewritten: each
         # group into one new shard that names what it replaces; the card below lists the new
         # ones, and the replaced shards are deleted after it.
+        finished = found + new_shards  # every finished shard's stats, without reading them again
         groups = C.plan_rewrites(
-            _finished(out), changes, cfg.shard_samples, cfg.compact_after, cfg.compact
+            finished, changes, cfg.shard_samples, cfg.compact_after, cfg.compact
         )
         for group in groups:
-            split = group[0]["split"]
-            C.rewrite(out, group, changes, C.next_index(out, split), extra)
+            index = C.next_index(finished, group[0]["split"])
+            if (written := C.rewrite(out, group, changes, index, extra)) is not None:
+                finished.append(written)
         replaced = {st["shard"] for group in groups for st in group}
-        stats = [st for st in _finished(out) if st["shard"] not in replaced]
+        stats = sorted(
+            (st for st in finished if st["shard"] not in replaced),
+            key=lambda st: (SPLITS.index(st["split"]), st["shard"]),
+        )
         rejects.sort(key=lambda r: (r.source, r.reason))
         rejected_changed = _write_if_changed(
             out / REJECTED, "".join(json.dumps(r.record()) + "\n" for r in rejects)

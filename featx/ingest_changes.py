@@ -80,14 +80,14 @@ def recover(out: Path) -> int:
     return n
 
 
-def next_index(out: Path, split: str) -> int:
-    """The index a new shard of `split` gets: past every shard there and every name a shard
-    replaced, so a replaced name is never used again."""
+def next_index(stats: list[dict], split: str) -> int:
+    """The index a new shard of `split` gets, given the `stats` of every finished shard: past
+    each of them and every name one replaced, so a replaced name is never used again."""
     used = [-1]
-    for stats in (out / split).glob("shard-*_stats.json"):
-        used.append(int(stats.name[6:12]))
-        replaced = read_stats(stats.with_name(stats.name[: -len("_stats.json")] + ".tar"))
-        used += [int(_INDEX.search(n).group(1)) for n in replaced.get("replaces", [])]
+    for st in stats:
+        if st["split"] == split:
+            used.append(int(_INDEX.search(st["shard"]).group(1)))
+            used += [int(_INDEX.search(n).group(1)) for n in st.get("replaces", [])]
     return max(used) + 1
 
 
