@@ -122,8 +122,10 @@ def _check_out(cfg: ExtractConfig) -> list[str]:
         return []
     if read_manifest(out) is None:
         # a run killed before its first version was complete leaves only these
-        ours = (".lock", VERSIONS, f".{CURRENT}.tmp")
-        if any(not p.name.startswith(ours) for p in out.iterdir()):
+        def ours(name: str) -> bool:
+            return name in (".lock", VERSIONS) or name.startswith(f".{CURRENT}.tmp")
+
+        if any(not ours(p.name) for p in out.iterdir()):
             return [
                 f"out: {out} is not empty and holds no featx features ({MANIFEST});"
                 " choose a new or empty folder"
