@@ -9,7 +9,8 @@ written into a local staging folder with featx's usual atomic writes and then *p
 changed since the last push are uploaded, with the files that mark completion (a shard's stats,
 the dataset card, a features manifest) uploaded after the data they vouch for. An object only
 appears in a store when its upload completes, so a reader never sees half a file, and a killed
-run's staging folder resumes where it stopped.
+run's staging folder resumes where it stopped. Each push ends with a listing of every object's
+size and sha256 (LISTING), and a pull takes only objects that match it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")
 log = logging.getLogger(__name__)
 PUSHED = ".pushed.json"  # beside a staging folder: what was last pushed or pulled
+# At an output prefix's root: the size and sha256 of each object featx pushed there. "_" keeps
+# it out of pyarrow's and Spark's dataset scans; no featx reader lists a prefix's root files.
+LISTING = "_featx_objects.json"
+# Written into an output prefix by other processes, not by push, so no listing names them and
+# a pull takes them as they are: Ray Train's folder in a RUN_DIR (a checkpoint is used only if
+# its files match the sha256s its featx.json records, run_dir.checkpoints) and the workers'
+# key logs. run_dir.RAY_RUN and run_dir.KEYS_DIR; a test keeps the names equal.
+IN_PLACE = ("ray/*", "keys/*")
 
 
 def is_uri(loc) -> bool:
@@ -238,6 +247,9 @@ def local_copy(uri: str) -> Path:
         i
         for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
         if i.type == pafs.FileType.File
+        # not upload left-overs or a lock (hidden), nor the prefix's listing
+        and not _hidden(i.path[len(root) :].lstrip("/"))
+        and i.path[len(root) :].lstrip("/") != LISTING
     ]
     sig = hashlib.sha256(uri.encode())
     for i in sorted(infos, key=lambda i: i.path):
@@ -265,11 +277,14 @@ def local_copy(uri: str) -> Path:
     return dest
 
 
-def _download(fs, path: str, dest: Path) -> None:
-    import shutil
-
+def _download(fs, path: str, dest: Path) -> str:
+    """Copy object `path` to the file `dest`; returns the sha256 of what was copied."""
+    digest = hashlib.sha256()
     with fs.open_input_stream(path) as src, open(dest, "wb") as f:
-        shutil.copyfileobj(src, f, 1 << 22)
+        while block := src.read(1 << 22):
+            digest.update(block)
+            f.write(block)
+    return digest.hexdigest()
 
 
 def cache_root() -> Path:
@@ -298,6 +313,8 @@ def _local_files(local: Path) -> dict[str, os.stat_result]:
 
 
 def _index(local: Path) -> dict:
+    """What was last pushed or pulled: path -> [size, mtime_ns, sha256] of the local file
+    (an index from before listings holds [size, mtime_ns]; the digest is computed when needed)."""
     try:
         return json.loads(_index_path(local).read_text())
     except (FileNotFoundError, ValueError):
@@ -319,40 +336,126 @@ def _stamp(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
-    """Download the files under `uri` that `local` lacks or has in another size; returns how
-    many. Paths matching a `skip` pattern are left out, and so are hidden names (an upload cut
-    short, see `_upload`). A local file that an earlier pull or push put there and the store
-    no longer has is removed (featx deleted it there: a compacted shard, a pruned version)."""
-    import pyarrow.fs as pafs
+def _synced(index: dict, rel: str, st: os.stat_result) -> bool:
+    """The local file is as featx last pushed or pulled it."""
+    return index.get(rel, [])[:2] == _stamp(st)
 
+
+def _local_sha(local: Path, rel: str, st: os.stat_result, index: dict) -> str:
+    """sha256 of a local file: from the index while the file is unchanged, else computed."""
+    from featx.fsutil import sha256_file
+
+    entry = index.get(rel, [])
+    return entry[2] if len(entry) > 2 and _synced(index, rel, st) else sha256_file(local / rel)
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def _read_listing(fs, root: str) -> dict | None:
+    """The prefix's listing: {"objects": {path: [size, sha256]}, "pending": {...}}; None where
+    there is none (a prefix written by featx before listings, or by nothing yet)."""
+    try:
+        with fs.open_input_stream(f"{root}/{LISTING}") as f:
+            listing = json.loads(f.read())
+        return {"objects": dict(listing["objects"]), "pending": dict(listing.get("pending", {}))}
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("%s/%s is not a featx listing; no object there is trusted", root, LISTING)
+        return {"objects": {}, "pending": {}}
+
+
+def _write_listing(fs, root: str, listing: dict) -> None:
+    data = json.dumps(listing, indent=1, sort_keys=True).encode()
+    # one write of the whole body: a stream cut short by Ctrl-C has it all or nothing
+    with fs.open_output_stream(f"{root}/{LISTING}") as out:
+        out.write(data)
+
+
+def _accepted(listing: dict, rel: str) -> set[tuple[int, str]]:
+    """The (size, sha256) an object may have: what the last push recorded, or what a push that
+    was cut short was uploading in its place."""
+    return {tuple(e) for e in (listing["objects"].get(rel), listing["pending"].get(rel)) if e}
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _fetch(fs, path: str, dest: Path, accepted: set | None = None) -> list:
+    """Download an object to `dest` (atomically); with `accepted`, only if its size and sha256
+    are one of those, else raise _Mismatch and leave `dest` as it was. Returns its index entry."""
     from featx.fsutil import atomic_path
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        sha = _download(fs, path, tmp)
+        if accepted is not None and (tmp.stat().st_size, sha) not in accepted:
+            raise _Mismatch
+    return [*_stamp(dest.stat()), sha]
+
+
+def pull(
+    uri: str, local: Path, skip: tuple[str, ...] = (), in_place: tuple[str, ...] = IN_PLACE
+) -> int:
+    """Download the files under `uri` that `local` lacks or holds in another version; returns
+    how many. Paths matching a `skip` pattern are left out, and so are hidden names (an upload
+    cut short, see `_upload`, or the lock). Where the prefix has a listing (LISTING), an object
+    is taken only if the listing names it with its size and sha256: any other is refused with
+    a warning that names it, and the local copy, if any, is kept. Objects matching `in_place`
+    (written into the store by Ray Train, see IN_PLACE) and those of a prefix without a
+    listing (featx before listings) are taken as they are, when their size differs. A local
+    file that an earlier pull or push put there and the store no longer has is removed
+    (featx deleted it there: a compacted shard, a pruned version)."""
+    import pyarrow.fs as pafs
 
     fs, root = filesystem(uri)
     local.mkdir(parents=True, exist_ok=True)
     index = _index(local)
     have = _local_files(local)
+    listing = _read_listing(fs, root)
     listed: set[str] = set()
     n = 0
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(root) :].lstrip("/")
-        if any(fnmatch.fnmatch(rel, p) for p in skip) or any(
-            part.startswith(".") for part in rel.split("/")
-        ):
+        if rel == LISTING or _skipped(rel, skip) or _hidden(rel):
             continue
         listed.add(rel)
-        if rel in have and have[rel].st_size == info.size:
-            continue
         dest = local / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(dest) as tmp:
-            _download(fs, info.path, tmp)
-        index[rel] = _stamp(dest.stat())
-        n += 1
+        if listing is None or _skipped(rel, in_place):
+            if rel not in have or have[rel].st_size != info.size:
+                index[rel] = _fetch(fs, info.path, dest)
+                n += 1
+            continue
+        accepted = _accepted(listing, rel)
+        if rel in have:
+            sha = _local_sha(local, rel, have[rel], index)
+            if (have[rel].st_size, sha) in accepted:
+                index[rel] = [*_stamp(have[rel]), sha]
+                continue
+        if not accepted:
+            why = f"{LISTING} does not name it"
+        elif info.size not in {size for size, _ in accepted}:
+            why = f"it has {info.size} bytes where {LISTING} records another size"
+        else:
+            try:
+                index[rel] = _fetch(fs, info.path, dest, accepted)
+                n += 1
+                continue
+            except _Mismatch:
+                why = f"its sha256 is not the one {LISTING} records"
+        log.warning(
+            "not pulled: %s: %s (changed or added behind featx's back); %s",
+            display(join(uri, rel)),
+            why,
+            "the local copy is kept" if rel in have else "no local copy",
+        )
     for rel in sorted(set(index) - listed):
-        if rel in have and index[rel] == _stamp(have[rel]) and not _skipped(rel, skip):
+        if rel in have and _synced(index, rel, have[rel]) and not _skipped(rel, skip):
             (local / rel).unlink()  # unchanged since featx pulled or pushed it
         if not _skipped(rel, skip):
             del index[rel]
@@ -360,63 +463,121 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
     return n
 
 
-def _skipped(rel: str, skip: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatch(rel, p) for p in skip)
+def _skipped(rel: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) for p in patterns)
 
 
-def push(local: Path, uri: str, last: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> int:
+def push(
+    local: Path,
+    uri: str,
+    last: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+    in_place: tuple[str, ...] = IN_PLACE,
+) -> int:
     """Upload the files of `local` changed since the last push or pull; returns how many.
 
     Files matching the patterns in `last` go after all others, in the order of the patterns, so
     a marker of completion never reaches the store before what it marks. Paths matching `skip`
     stay local. Hidden files (temporaries, locks) never leave. Then files featx removed from
     `local` since they were pulled or pushed (compacted shards, pruned versions) are deleted
-    from the store: only those, so nothing featx did not write there is touched.
+    from the store: only those, so nothing featx did not write there is touched. Last, the
+    listing (LISTING) records each object's size and sha256; while the uploads run it accepts
+    the new digests beside the old, so a push cut short leaves only objects a pull can verify.
     """
+    from featx.fsutil import sha256_file
+
     fs, root = filesystem(uri)
     index = _index(local)
     files = _local_files(local)
-    rank = {}
+    rank, shas = {}, {}
     for rel, st in files.items():
-        if any(fnmatch.fnmatch(rel, p) for p in skip) or index.get(rel) == _stamp(st):
+        if _skipped(rel, skip) or _synced(index, rel, st):
+            continue
+        shas[rel] = sha256_file(local / rel)
+        if index.get(rel, [])[::2] == [st.st_size, shas[rel]]:
+            index[rel] = [*_stamp(st), shas[rel]]  # written again with the same bytes
             continue
         rank[rel] = next((i + 1 for i, p in enumerate(last) if fnmatch.fnmatch(rel, p)), 0)
+    before = _read_listing(fs, root)
+    # What the store's listing says wins over this folder's index: it may hold an older copy
+    # of an object a pull refused. The index fills in a prefix without a (readable) listing.
+    listing = {"objects": _listed(local, index, files, skip + in_place), "pending": {}}
+    if before:
+        listing["objects"].update(before["objects"])
+        listing["pending"].update(before["pending"])
+    for rel, entry in list(listing["pending"].items()):  # a cut-short push from here landed it
+        if index.get(rel, [])[2:] == entry[1:]:
+            listing["objects"][rel] = listing["pending"].pop(rel)
+    todo = sorted(rank, key=lambda r: (rank[r], r))
+    if todo:
+        for rel in todo:
+            if not _skipped(rel, in_place):
+                listing["pending"][rel] = [files[rel].st_size, shas[rel]]
+        _write_listing(fs, root, listing)
+        before = json.loads(json.dumps(listing))  # what the store holds now
     n = 0
     try:
-        for rel in sorted(rank, key=lambda r: (rank[r], r)):
+        for rel in todo:
             src = local / rel
             stamp = _stamp(src.stat())
-            _upload(fs, src, f"{root}/{rel}")
-            index[rel] = stamp
+            sha = _upload(fs, src, f"{root}/{rel}")
+            index[rel] = [*stamp, sha]
+            if not _skipped(rel, in_place):
+                listing["objects"][rel] = [stamp[0], sha]
+                listing["pending"].pop(rel, None)
             n += 1
         for rel in sorted(set(index) - set(files)):
-            if not any(fnmatch.fnmatch(rel, p) for p in skip):
+            if not _skipped(rel, skip):
                 with contextlib.suppress(FileNotFoundError):
                     fs.delete_file(f"{root}/{rel}")
                 del index[rel]
+                listing["objects"].pop(rel, None)
+                listing["pending"].pop(rel, None)
+        if listing != before:
+            _write_listing(fs, root, listing)
     finally:
         _save_index(local, index)
     return n
 
 
-def _upload(fs, src: Path, dest: str) -> None:
-    """Upload `src` so that `dest` appears whole or not at all. An output stream commits what
-    it holds when closed, also when an error (or Ctrl-C) closes it half way; so the bytes go to
-    a hidden name beside `dest` first, and a server-side move publishes them once complete. A
-    half upload is deleted, or left under its hidden name, which pull and readers skip."""
+def _listed(local: Path, index: dict, files: dict, leave_out: tuple[str, ...]) -> dict:
+    """A listing's objects from the index (digests an index of older featx lacks are added)."""
+    from featx.fsutil import sha256_file
+
+    objects = {}
+    for rel, entry in index.items():
+        if _skipped(rel, leave_out):
+            continue
+        if len(entry) > 2:
+            objects[rel] = [entry[0], entry[2]]
+        elif rel in files and _synced(index, rel, files[rel]):  # an index of older featx
+            index[rel] = [*entry, sha256_file(local / rel)]
+            objects[rel] = [entry[0], index[rel][2]]
+    return objects
+
+
+def _upload(fs, src: Path, dest: str) -> str:
+    """Upload `src` so that `dest` appears whole or not at all; returns the sha256 of what was
+    uploaded. An output stream commits what it holds when closed, also when an error (or
+    Ctrl-C) closes it half way; so the bytes go to a hidden name beside `dest` first, and a
+    server-side move publishes them once complete. A half upload is deleted, or left under its
+    hidden name, which pull and readers skip."""
     import uuid
 
     folder, _, name = dest.rpartition("/")
     tmp = f"{folder}/.{name}.upload-{uuid.uuid4().hex[:12]}"
+    digest = hashlib.sha256()
     try:
         with open(src, "rb") as f, fs.open_output_stream(tmp) as out:
             while block := f.read(1 << 22):
+                digest.update(block)
                 out.write(block)
         fs.move(tmp, dest)
     except BaseException:
         with contextlib.suppress(Exception):
             fs.delete_file(tmp)
         raise
+    return digest.hexdigest()
 
 
 def delete_tree(loc) -> None:
@@ -489,12 +650,14 @@ def check_overwrite(loc, markers: tuple[str, ...]) -> None:
 
 
 def _empty(loc) -> bool:
+    """No files there but featx's own listing."""
     if not is_uri(loc):
         return not Path(loc).is_dir() or not any(Path(loc).iterdir())
     import pyarrow.fs as pafs
 
     fs, path = filesystem(loc)
-    return not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    return all(i.base_name == LISTING for i in infos)
 
 
 def clear(loc) -> None:

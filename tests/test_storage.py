@@ -7,7 +7,9 @@ from the environment. The secret key is a canary: no output, staging file or log
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -131,6 +133,13 @@ def test_pipeline_on_s3_and_pyarrow_reads_the_features(s3, pipeline):
         *(k for k in runs if not k.startswith(f"{RAY_RUN}/")),
     ]
     assert ours and not [k for k in ours if "/." in f"/{k}"]
+    # each prefix ends with its listing, which names every object featx pushed there
+    for prefix in ("shards", "run", "features"):
+        listing = json.loads(storage.read_text(f"s3://{BUCKET}/{prefix}/{storage.LISTING}"))
+        assert not listing["pending"] and listing["objects"], prefix
+    assert set(json.loads(storage.read_text(f"{ds}/{storage.LISTING}"))["objects"]) == {
+        k for k in shards if k != storage.LISTING
+    }
 
     # Ray Train wrote its checkpoints to the bucket; best/, metrics and curves were pushed.
     assert trained.epochs == 2 and trained.run_dir == run
@@ -190,7 +199,10 @@ def test_pipeline_rerun_elsewhere_redoes_nothing_then_probes(s3, pipeline, tmp_p
     assert s["train"]["up_to_date"]
     assert s["extract"]["up_to_date"] and s["extract"]["rows"] == 0
     after = {p: objects(s3, p) for p in before}
+    # the probe's baseline features join the features prefix, and so its listing
     baseline = {k for k in after["features"] if k.startswith("_baseline/")}
+    baseline.add(storage.LISTING)
+    before["features"].pop(storage.LISTING)
     after["features"] = {k: v for k, v in after["features"].items() if k not in baseline}
     assert after == before
     assert any(k.endswith(".parquet") for k in baseline) and s["probe"]["accuracy"] is not None
@@ -461,3 +473,91 @@ def test_an_upload_interrupted_at_seeded_moments_never_leaves_a_truncated_object
         "shard-000000.tar",
         "shard-000002.tar",
     ]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_pull_takes_only_objects_the_listing_vouches_for(s3, tmp_path, caplog):
+    """Each push ends with a listing of its objects' sizes and sha256s. An object changed in
+    the store behind featx's back (other bytes of the right size) or added there is refused
+    by a pull: named in a warning, not downloaded, and a good local copy stays as it was."""
+    uri = f"s3://{BUCKET}/verified"
+    a, b, c = (tmp_path / n for n in "abc")
+    (a / "data").mkdir(parents=True)
+    (a / "data" / "part-0.bin").write_bytes(b"v1" * 500)
+    (a / "card.json").write_text("{}")
+    assert storage.push(a, uri) == 2
+    assert storage.pull(uri, b) == 2 and _files(b) == _files(a)
+    v2 = b"v2" * 1000
+    (a / "data" / "part-0.bin").write_bytes(v2)
+    assert storage.push(a, uri) == 1
+    listing = json.loads(storage.read_text(f"{uri}/{storage.LISTING}"))
+    assert listing == {
+        "objects": {
+            "card.json": [2, hashlib.sha256(b"{}").hexdigest()],
+            "data/part-0.bin": [2000, hashlib.sha256(v2).hexdigest()],
+        },
+        "pending": {},
+    }
+    with s3.open_output_stream(f"{BUCKET}/verified/data/part-0.bin") as f:
+        f.write(b"xx" * 1000)  # same size, other bytes
+    with s3.open_output_stream(f"{BUCKET}/verified/data/part-9.bin") as f:
+        f.write(b"no push wrote this")
+    with caplog.at_level(logging.WARNING, logger="featx.storage"):
+        assert storage.pull(uri, b) == 0
+    assert _files(b) == {"card.json": b"{}", "data/part-0.bin": b"v1" * 500}  # kept as it was
+    warned = [r.getMessage() for r in caplog.records if r.name == "featx.storage"]
+    assert any("verified/data/part-0.bin" in w and "sha256" in w for w in warned), warned
+    assert any("verified/data/part-9.bin" in w and "does not name it" in w for w in warned)
+    storage.pull(uri, c)  # a fresh folder gets only what the listing vouches for
+    assert _files(c) == {"card.json": b"{}"}
+    # the writer's next push of that file puts verified bytes back; the next pull takes them
+    (a / "data" / "part-0.bin").write_bytes(v2 + b"!")
+    assert storage.push(a, uri) == 1 and storage.pull(uri, c) == 1
+    assert _files(c) == {"card.json": b"{}", "data/part-0.bin": v2 + b"!"}
+
+
+def test_a_push_cut_short_leaves_only_objects_a_pull_can_verify(s3, tmp_path, monkeypatch):
+    """Before its uploads a push lists the new digests beside the old, so a pull after a push
+    that died half way takes each object in the version it finds, old or new, and refuses
+    nothing; the next push completes the listing."""
+    uri = f"s3://{BUCKET}/cut-short"
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    for name in ("x.bin", "y.bin"):
+        (a / name).write_bytes(b"old " + name.encode())
+    storage.push(a, uri)
+    for name in ("x.bin", "y.bin"):
+        (a / name).write_bytes(b"new contents of " + name.encode())
+    upload, calls = storage._upload, []
+
+    def dies_on_the_second(fs, src, dest):
+        calls.append(dest)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return upload(fs, src, dest)
+
+    monkeypatch.setattr(storage, "_upload", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        storage.push(a, uri)
+    monkeypatch.setattr(storage, "_upload", upload)
+    assert storage.pull(uri, b) == 2
+    assert _files(b) == {"x.bin": b"new contents of x.bin", "y.bin": b"old y.bin"}
+    assert storage.push(a, uri) == 1
+    listing = json.loads(storage.read_text(f"{uri}/{storage.LISTING}"))
+    assert not listing["pending"] and storage.pull(uri, b) == 1
+    assert _files(b) == _files(a)
+
+
+def test_the_listing_leaves_out_what_ray_train_writes_in_place():
+    """Ray Train writes its checkpoints into a RUN_DIR in the store itself; push never lists
+    them and pull takes them as they are. The patterns must follow run_dir's names."""
+    from featx.run_dir import KEYS_DIR, RAY_RUN
+
+    assert (f"{RAY_RUN}/*", f"{KEYS_DIR}/*") == storage.IN_PLACE
