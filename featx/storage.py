@@ -10,7 +10,8 @@ changed since the last push are uploaded, with the files that mark completion (a
 the dataset card, a features manifest) uploaded after the data they vouch for. An object only
 appears in a store when its upload completes, so a reader never sees half a file, and a killed
 run's staging folder resumes where it stopped. Each push ends with a listing of every object's
-size and sha256 (LISTING), and a pull takes only objects that match it.
+size and sha256 (LISTING), and a pull takes only objects that match it. One writer at a time:
+a stage holds a lease on its S3 output prefix while it runs (`featx.store_lock`).
 """
 
 from __future__ import annotations
@@ -580,15 +581,28 @@ def _upload(fs, src: Path, dest: str) -> str:
     return digest.hexdigest()
 
 
-def delete_tree(loc) -> None:
-    """Remove everything under `loc` (the store's objects, or a local folder)."""
+def delete_tree(loc, keep: tuple[str, ...] = ()) -> None:
+    """Remove everything under `loc` (the store's objects, or a local folder), except the
+    top-level names in `keep` (of a URI)."""
     import shutil
+
+    import pyarrow.fs as pafs
 
     if not is_uri(loc):
         shutil.rmtree(loc, ignore_errors=True)
         return
     fs, path = filesystem(loc)
-    fs.delete_dir_contents(path, missing_dir_ok=True)
+    if not keep:
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+        return
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.base_name in keep:
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                fs.delete_file(info.path)
 
 
 @contextlib.contextmanager
@@ -599,12 +613,15 @@ def staged_output(
     skip: tuple[str, ...] = (),
     overwrite: bool = False,
     markers: tuple[str, ...] = (),
+    what: str | None = None,
 ):
     """Yield a local folder to write `loc`'s output into; push it to `loc` afterwards: how
     every stage writes to an object store.
 
-    A local `loc` is yielded as it is. For a URI, `overwrite` first deletes what the store and
-    the staging folder hold (`clear`), once `check_overwrite(loc, markers)` has found the
+    A local `loc` is yielded as it is (a stage holds `fsutil.exclusive` there). For a URI, the
+    stage (`what`, for the message a second writer gets) first takes the prefix's lock, held
+    until the block ends (`featx.store_lock`; S3 only). Then `overwrite` deletes what the store
+    and the staging folder hold (`clear`), once `check_overwrite(loc, markers)` has found the
     stage's own marker there; then the staging folder is brought up to date with what the
     store holds (so work done elsewhere is not redone), and pushed when the block ends, also
     when it fails, so finished files of a failed run are kept.
@@ -612,23 +629,46 @@ def staged_output(
     if not is_uri(loc):
         yield Path(loc)
         return
-    if overwrite:
-        check_overwrite(loc, markers)
-        clear(loc)
-    local = staging(loc)
-    n = pull(loc, local, skip=skip)
-    if n:
-        log.info("fetched %d file(s) of %s into %s", n, display(loc), local)
-    try:
-        yield local
-    except BaseException:
+    with _writer_lock(loc, what) as lock:
+        if overwrite:
+            check_overwrite(loc, markers)
+            clear(loc)
+        local = staging(loc)
+        n = pull(loc, local, skip=skip)
+        if n:
+            log.info("fetched %d file(s) of %s into %s", n, display(loc), local)
         try:
-            push(local, loc, last=last, skip=skip)
-        except Exception as e:  # the original error matters more
-            log.warning("could not push finished files to %s: %s", display(loc), e)
-        raise
-    n = push(local, loc, last=last, skip=skip)
-    log.info("pushed %d file(s) to %s", n, display(loc))
+            yield local
+        except BaseException:
+            try:
+                lock.check()
+                push(local, loc, last=last, skip=skip)
+            except Exception as e:  # the original error matters more
+                log.warning("could not push finished files to %s: %s", display(loc), e)
+            raise
+        lock.check()
+        n = push(local, loc, last=last, skip=skip)
+        log.info("pushed %d file(s) to %s", n, display(loc))
+
+
+class _NoLock:
+    def check(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _writer_lock(loc: str, what: str | None):
+    """The lease on an S3 prefix (`featx.store_lock`); other schemes have no conditional
+    writes featx can reach through pyarrow, so one writer at a time is up to the user there."""
+    from featx import store_lock
+
+    fs, path = filesystem(loc)
+    if fs.type_name != "s3":
+        log.info("%s: no lock for %s outputs; run one writer at a time", display(loc), fs.type_name)
+        yield _NoLock()
+        return
+    with store_lock.held(fs, path, display(loc), what) as lease:
+        yield lease
 
 
 def check_overwrite(loc, markers: tuple[str, ...]) -> None:
@@ -650,20 +690,25 @@ def check_overwrite(loc, markers: tuple[str, ...]) -> None:
 
 
 def _empty(loc) -> bool:
-    """No files there but featx's own listing."""
+    """No files there but featx's own bookkeeping (the lock, the listing)."""
     if not is_uri(loc):
         return not Path(loc).is_dir() or not any(Path(loc).iterdir())
     import pyarrow.fs as pafs
 
+    from featx.store_lock import LOCK
+
     fs, path = filesystem(loc)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    return all(i.base_name == LISTING for i in infos)
+    return all(i.base_name in (LOCK, LISTING) for i in infos)
 
 
 def clear(loc) -> None:
-    """Delete an output location and, for a URI, its staging folder."""
+    """Delete an output location and, for a URI, its staging folder; a URI's lock stays (the
+    stage that clears holds it)."""
     import shutil
 
-    delete_tree(loc)
+    from featx.store_lock import LOCK
+
+    delete_tree(loc, keep=(LOCK,) if is_uri(loc) else ())
     if is_uri(loc):
         shutil.rmtree(staging(loc), ignore_errors=True)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_text
 
-from featx import storage
+from featx import storage, store_lock
 from featx.config import ConfigError, ExtractConfig, IngestConfig
 from featx.dataset import load_card
 from featx.extract import extract
@@ -420,7 +420,7 @@ def test_credentials_in_a_uri_reach_no_output_log_or_prefect_record(s3, tmp_path
 _PUSH = """
 import sys
 from pathlib import Path
-from featx import storage
+from featx import storage, store_lock
 print("pushing", flush=True)
 storage.push(Path(sys.argv[1]), sys.argv[2])
 """
@@ -561,3 +561,118 @@ def test_the_listing_leaves_out_what_ray_train_writes_in_place():
     from featx.run_dir import KEYS_DIR, RAY_RUN
 
     assert (f"{RAY_RUN}/*", f"{KEYS_DIR}/*") == storage.IN_PLACE
+
+
+def _lock(prefix: str) -> dict | None:
+    uri = f"s3://{BUCKET}/{prefix}/{store_lock.LOCK}"
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_prefix(s3, monkeypatch):
+    """A stage holds a lease on its output prefix: a second writer is refused at once with the
+    holder and the lease's end; renewals keep the lease past its length; the lock is released
+    when the stage ends, also when it fails, and the next writer gets in."""
+    monkeypatch.setattr(store_lock, "LEASE_S", 3.0)  # renewed each second
+    uri = f"s3://{BUCKET}/locked"
+    with storage.staged_output(uri, what="extract") as local:
+        (local / "a.txt").write_text("one")
+        held = _lock("locked")
+        assert held["stage"] == "extract" and held["pid"] == os.getpid()
+        time.sleep(3.5)  # past one lease length
+        with pytest.raises(ConfigError) as refused, storage.staged_output(uri, what="ingest"):
+            pytest.fail("a second writer got in")
+        assert _lock("locked")["expires"] > held["expires"]  # renewed
+    msg = str(refused.value)
+    assert f"{uri} is being written by featx extract on {socket.gethostname()}" in msg
+    assert f"pid {os.getpid()}" in msg and "lease runs to" in msg and "Wait for it" in msg
+    assert _lock("locked") is None and objects(s3, "locked").keys() == {"a.txt", storage.LISTING}
+    with pytest.raises(RuntimeError, match="boom"), storage.staged_output(uri):
+        assert _lock("locked") is not None
+        raise RuntimeError("boom")
+    assert _lock("locked") is None
+    with storage.staged_output(uri, what="ingest") as local:
+        assert (local / "a.txt").read_text() == "one"
+
+
+def test_an_expired_lease_is_taken_over_by_one_writer_only(s3, monkeypatch, caplog):
+    """A writer that died without releasing (elsewhere) holds the prefix until its lease
+    lapses by the store's clock; then one writer takes it over, conditional on the lock it
+    saw, so a second taker that saw the same lock loses."""
+    uri = f"s3://{BUCKET}/lapsed"
+    stale = {"host": "gone.example", "pid": 1, "stage": "train", "lease_s": 1.0}
+    with s3.open_output_stream(f"{BUCKET}/lapsed/{store_lock.LOCK}") as f:
+        f.write(json.dumps(stale).encode())
+    fs, path = storage.filesystem(uri)
+    seen = store_lock.client(fs).head_object(Bucket=BUCKET, Key=f"lapsed/{store_lock.LOCK}")
+    time.sleep(2.1)  # the store's clock counts whole seconds
+    key = f"lapsed/{store_lock.LOCK}"
+    with (
+        caplog.at_level(logging.WARNING, logger="featx.store_lock"),
+        storage.staged_output(uri, what="extract"),
+    ):
+        assert _lock("lapsed")["stage"] == "extract"
+        other = store_lock._Lease(store_lock.client(fs), BUCKET, key, uri, "ingest")
+        with pytest.raises(Exception) as lost:
+            other._put(IfMatch=seen["ETag"])  # the other taker saw the stale lock too
+        assert store_lock._code(lost.value) == "PreconditionFailed"
+        with pytest.raises(ConfigError, match="being written by featx extract"):
+            other.take()
+    assert "took over" in caplog.text and "gone.example" in caplog.text
+    assert _lock("lapsed") is None
+
+
+def test_a_lock_left_by_a_dead_process_on_this_machine_is_taken_at_once(s3):
+    """Killed without releasing (SIGKILL, out of memory): the next run on the same machine
+    finds the holder's process gone and does not wait out its lease."""
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    body = {
+        "host": socket.gethostname(),
+        "pid": dead.pid,
+        "pidns": store_lock._pid_namespace(),
+        "stage": "ingest",
+        "lease_s": 600.0,
+    }
+    with s3.open_output_stream(f"{BUCKET}/dead/{store_lock.LOCK}") as f:
+        f.write(json.dumps(body).encode())
+    with storage.staged_output(f"s3://{BUCKET}/dead", what="ingest"):
+        assert _lock("dead")["pid"] == os.getpid()
+
+
+def test_overwrite_under_the_lock_clears_all_but_the_lock(s3):
+    """--overwrite deletes the prefix's objects while the stage holds the prefix: the lock
+    stays (no other writer slips in), and a prefix holding only featx's lock and listing
+    counts as empty."""
+    uri = f"s3://{BUCKET}/cleared"
+    for key in ("card.json", "train/shard-000000.tar"):
+        with s3.open_output_stream(f"{BUCKET}/cleared/{key}") as f:
+            f.write(b"old")
+    with storage.staged_output(uri, overwrite=True, markers=("card.json",)) as local:
+        assert objects(s3, "cleared").keys() == {store_lock.LOCK}
+        assert storage._empty(uri)
+        (local / "card.json").write_text("{}")
+    assert objects(s3, "cleared").keys() == {"card.json", storage.LISTING}
+    s3.delete_file(f"{BUCKET}/cleared/card.json")
+    storage.check_overwrite(uri, ("card.json",))  # only the listing is left: empty
+
+
+def test_a_lock_the_store_refuses_is_a_config_error(s3):
+    """No bucket, no credentials, no server: a ConfigError that names the lock, not a
+    traceback from boto3."""
+    uri = "s3://featx-no-such-bucket/x"
+    with pytest.raises(ConfigError, match=f"could not take {uri}/.featx-lock"):  # noqa: SIM117
+        with storage.staged_output(uri):
+            pytest.fail("wrote without the lock")
+
+
+def test_the_lock_reaches_the_store_pyarrow_reaches(s3):
+    """boto3 takes the lock, pyarrow moves the data: both reach one server. The endpoint and
+    region come from what pyarrow resolved (AWS_ENDPOINT_URL, or the URI's query), read from
+    its pickle state; this fails if a pyarrow release drops it."""
+    fs, _ = storage.filesystem(f"s3://{BUCKET}/x")
+    assert store_lock.client(fs).meta.endpoint_url == os.environ["AWS_ENDPOINT_URL"]
+    fs, _ = pafs.FileSystem.from_uri(
+        "s3://b/x?endpoint_override=h.invalid:9&scheme=http&region=eu-west-1"
+    )
+    c = store_lock.client(fs)
+    assert (c.meta.endpoint_url, c.meta.region_name) == ("http://h.invalid:9", "eu-west-1")
