@@ -34,6 +34,15 @@ AUDIO_TIME_MASKS = 2  # silenced spans per clip, each up to AUDIO_TIME_MASK of i
 AUDIO_TIME_MASK = 0.05
 AUDIO_FREQ_MASK = 0.1  # one band of up to 10% of the spectrum removed
 
+# Contrastive views (`views=2`): each is a stronger augmentation than supervised training's, as
+# the two views of a sample must differ in everything the features should ignore.
+VIEW_CROP_SCALE = (0.35, 1.0)  # images: random resized crop, share of the area kept
+VIEW_JITTER = 0.4  # images: brightness, contrast, saturation each scaled by 1 +- 0.4 (p 0.8)
+VIEW_GREY = 0.2  # images: probability of greyscale
+VIEW_BLUR = 0.5  # images: probability of a Gaussian blur, sigma 0.1-2 px
+VIEW_KEEP = (0.6, 1.0)  # text and audio: share of the sequence kept by a random crop
+VIEW_GAIN_DB = 6.0  # audio: gain change, +- dB
+
 
 class Batcher:
     """Collate a list of decoded samples into `{"x", "lengths", "labels", "keys"}`.
@@ -58,6 +67,7 @@ class Batcher:
         augment: bool = False,
         flip: bool = False,
         seed: int | None = None,
+        views: int = 1,
     ) -> None:
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; known modalities: {MODALITIES}")
@@ -68,6 +78,9 @@ class Batcher:
             )
         if max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens} should be at least 1")
+        if views not in (1, 2):
+            raise ValueError(f"views={views} should be 1 or 2")
+        self.views = views
         self.modality = modality
         self.tokenizer_path = None if tokenizer_path is None else str(tokenizer_path)
         self.max_tokens = max_tokens
@@ -97,6 +110,8 @@ class Batcher:
                 )
         collate = {"image": self._images, "text": self._texts, "audio": self._audio}[self.modality]
         x, lengths = collate(samples)
+        if self.views == 2:
+            x, lengths = _stack_views((x, lengths), collate(samples))
         classes = [s.get("cls") for s in samples]
         labels = None
         if all(c is not None for c in classes):
@@ -130,6 +145,8 @@ class Batcher:
                     f"sample {s['__key__']!r} is {a.shape[:2]} but {samples[0]['__key__']!r} is "
                     f"{arrays[0].shape[:2]}: a batch needs one image size; ingest with a fixed size"
                 )
+        if self.views == 2 and self.augment:
+            return self._view_images(np.stack(arrays)), None
         flips = None
         if self.augment:
             pixels, flips = self._augment_images(arrays)
@@ -159,6 +176,48 @@ class Batcher:
                 max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
             ]
         return out, flips
+
+    def _view_images(self, pixels: np.ndarray) -> torch.Tensor:
+        """SimCLR's view of each image, in torch on the whole batch: a random resized crop (and
+        a mirror with `flip`) as one affine resampling, colour jitter, greyscale, blur."""
+        rng = self._random()
+        n, h, w, _ = pixels.shape
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+        area = rng.uniform(*VIEW_CROP_SCALE, size=n)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), size=n))
+        sx, sy = np.minimum(1.0, np.sqrt(area * ratio)), np.minimum(1.0, np.sqrt(area / ratio))
+        cx, cy = rng.uniform(-1, 1, size=n) * (1 - sx), rng.uniform(-1, 1, size=n) * (1 - sy)
+        mirror = np.where(rng.random(n) < (0.5 if self.flip else 0.0), -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = torch.from_numpy(sx * mirror).float()
+        theta[:, 0, 2] = torch.from_numpy(cx).float()
+        theta[:, 1, 1] = torch.from_numpy(sy).float()
+        theta[:, 1, 2] = torch.from_numpy(cy).float()
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", align_corners=False)
+        grey_weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        jitter = torch.from_numpy(rng.random(n) < 0.8)
+        for i in torch.nonzero(jitter).flatten().tolist():
+            b, c, s = 1 + rng.uniform(-VIEW_JITTER, VIEW_JITTER, size=3)
+            img = x[i] * b
+            img = (img - img.mean()) * c + img.mean()
+            grey = (img * grey_weights[0]).sum(0, keepdim=True)
+            x[i] = ((img - grey) * s + grey).clamp_(0, 1)
+        greyed = torch.from_numpy(rng.random(n) < VIEW_GREY)
+        x[greyed] = (x[greyed] * grey_weights).sum(1, keepdim=True).expand(-1, 3, -1, -1)
+        for i in np.flatnonzero(rng.random(n) < VIEW_BLUR).tolist():
+            x[i] = _blur(x[i], rng.uniform(0.1, 2.0) * min(h, w) / 32)
+        x.sub_(torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)).div_(
+            torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+        )
+        return x
+
+    def _crop(self, n: int) -> slice:
+        """A random contiguous span of a sequence of `n` steps, VIEW_KEEP of it."""
+        rng = self._random()
+        keep = max(1, int(round(n * rng.uniform(*VIEW_KEEP))))
+        start = int(rng.integers(0, n - keep + 1))
+        return slice(start, start + keep)
 
     def _load_tokenizer(self):
         if self._tokenizer is None:
@@ -199,6 +258,8 @@ class Batcher:
                 if not keep.any():
                     keep[self._random().integers(len(ids))] = True
                 ids = [t for t, k in zip(ids, keep, strict=True) if k]
+            if self.augment and self.views == 2:
+                ids = ids[self._crop(len(ids))]
             seqs.append(ids)
         lengths = torch.tensor([len(ids) for ids in seqs], dtype=torch.long)
         x = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
@@ -219,6 +280,8 @@ class Batcher:
             waves.append(a.astype(np.float32, copy=False) if a.size else np.zeros(1, np.float32))
         if self.augment:
             waves = [self._augment_wave(w) for w in waves]
+        if self.augment and self.views == 2:
+            waves = [self._view_wave(w) for w in waves]
         lengths = torch.tensor([w.size for w in waves], dtype=torch.long)
         x = torch.zeros(len(waves), int(lengths.max()), dtype=torch.float32)
         for i, w in enumerate(waves):
@@ -255,6 +318,40 @@ class Batcher:
         out += rng.normal(0.0, AUDIO_NOISE_STD, size=n)
         return np.clip(out, -1.0, 1.0).astype(np.float32)
 
+    def _view_wave(self, wave: np.ndarray) -> np.ndarray:
+        """On top of `_augment_wave`: a random crop in time and a gain change."""
+        rng = self._random()
+        gain = 10 ** (rng.uniform(-VIEW_GAIN_DB, VIEW_GAIN_DB) / 20)
+        return np.clip(wave[self._crop(wave.size)] * gain, -1.0, 1.0).astype(np.float32)
+
+
+def _stack_views(a: tuple, b: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Two collated views of one list of samples -> (2B, ...) rows, view 1 first; sequences
+    padded to the longer view."""
+    (x1, l1), (x2, l2) = a, b
+    if l1 is None:
+        return torch.cat([x1, x2]), None
+    width = max(x1.shape[1], x2.shape[1])
+    x1 = torch.nn.functional.pad(x1, (0, width - x1.shape[1]))
+    x2 = torch.nn.functional.pad(x2, (0, width - x2.shape[1]))
+    return torch.cat([x1, x2]), torch.cat([l1, l2])
+
+
+def _blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A (3, H, W) image under a separable Gaussian of `sigma` pixels."""
+    radius = max(1, int(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(img.dtype)
+    x = img.unsqueeze(1)  # (3, 1, H, W): one channel per batch row
+    x = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1)
+    )
+    x = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1)
+    )
+    return x.squeeze(1)
+
 
 def make_collate(
     modality: str,
@@ -264,6 +361,7 @@ def make_collate(
     augment: bool = False,
     flip: bool = False,
     seed: int | None = None,
+    views: int = 1,
 ) -> Batcher:
     """The collate function for `modality`; see `Batcher` for the batch it returns."""
     return Batcher(
@@ -273,6 +371,7 @@ def make_collate(
         augment=augment,
         flip=flip,
         seed=seed,
+        views=views,
     )
 
 

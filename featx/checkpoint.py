@@ -155,9 +155,10 @@ def save_train_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     epoch: int,
+    head: torch.nn.Module | None = None,
 ) -> None:
-    """Write what resuming needs beyond the weights: optimiser and schedule state, and the
-    number of epochs done."""
+    """Write what resuming needs beyond the weights: optimiser and schedule state, the number
+    of epochs done, and a contrastive run's projection head (not part of the feature model)."""
     import torch
 
     state = {
@@ -165,6 +166,8 @@ def save_train_state(
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,
     }
+    if head is not None:
+        state["head"] = {k: v.detach().cpu() for k, v in head.state_dict().items()}
     torch.save(state, Path(folder) / STATE_FILE)
 
 

@@ -125,9 +125,15 @@ def train(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
     )
     last = r.metrics[-1] if r.metrics else {}
     t.add_row("train loss (last)", f"{last.get('train_loss', float('nan')):.4f}")
+    if cfg.objective != "supervised":
+        t.add_row("objective", cfg.objective)
     if r.best_val_loss is not None:
         t.add_row("val loss (best)", f"{r.best_val_loss:.4f}")
+    if r.best_val_accuracy is not None:
         t.add_row("val accuracy (best)", f"{r.best_val_accuracy:.3f}")
+    for name, key in (("effective rank", "effective_rank"), ("val kNN accuracy", "knn_accuracy")):
+        if last.get(key) is not None:
+            t.add_row(f"{name} (last)", f"{last[key]:.3f}")
     t.add_row("samples/s (last epoch)", f"{last.get('samples_per_s_total', 0):.0f}")
     t.add_row("metrics", f"{r.run_dir}/metrics.csv, {r.run_dir}/curves.png")
     t.add_row("seconds", f"{r.seconds:.1f}")

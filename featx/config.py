@@ -220,6 +220,16 @@ class TrainConfig(StageConfig):
     )
     model: Literal["cnn", "rnn", "attention"] = Field("cnn", description="Encoder family.")
     preset: str = Field("small", description="Model size: small (laptop) or base.")
+    objective: Literal["supervised", "contrastive", "supcon"] = Field(
+        "supervised",
+        description="What the features learn from: 'supervised', the labels (cross-entropy); "
+        "'contrastive', no labels (two augmented views of each sample, NT-Xent over the whole "
+        "batch of every worker; labels, if any, are ignored); 'supcon', the labels in a "
+        "contrastive loss (supervised contrastive).",
+    )
+    temperature: float = Field(
+        0.2, gt=0, le=10, description="Contrastive objectives: temperature of the NT-Xent loss."
+    )
     workers: int = Field(2, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
     gpu: bool = Field(False, description="One GPU per worker (NCCL, bf16 autocast).")
     cpus_per_worker: float | None = Field(
@@ -310,15 +320,17 @@ class TrainConfig(StageConfig):
             card = load_card(self.dataset)
         except FileNotFoundError as e:
             raise ConfigError([f"dataset: {e}"]) from None
-        if len(card["classes"]) < 2:
+        labelled = self.objective != "contrastive"  # contrastive training ignores labels
+        if labelled and len(card["classes"]) < 2:
             problems.append(
-                f"dataset: {self.dataset} has {len(card['classes'])} classes; training needs "
-                "labelled data with at least 2 (class folders or a manifest `label` column)"
+                f"dataset: {self.dataset} has {len(card['classes'])} classes; --objective "
+                f"{self.objective} needs labelled data with at least 2 (class folders or a "
+                "manifest `label` column); for unlabelled data use --objective contrastive"
             )
         if card["counts"].get("train", {}).get("total", 0) == 0:
             problems.append(f"dataset: {self.dataset} has no train samples")
         unlabelled = sum(c["per_class"].get("(unlabelled)", 0) for c in card["counts"].values())
-        if card["classes"] and unlabelled:
+        if labelled and card["classes"] and unlabelled:
             problems.append(
                 f"dataset: {unlabelled} samples of {self.dataset} have no label (their sources "
                 "are in the shards' _stats.json with label null); label them and ingest again"
@@ -336,7 +348,8 @@ class TrainConfig(StageConfig):
         from featx.recipe import auto_batch_size, auto_epochs
 
         n_train = card["counts"]["train"]["total"]
-        batch = self.batch_size or auto_batch_size(n_train, self.workers)
+        contrastive = self.objective != "supervised"
+        batch = self.batch_size or auto_batch_size(n_train, self.workers, contrastive)
         return self.model_copy(
             update={
                 "batch_size": batch,
@@ -348,9 +361,12 @@ class TrainConfig(StageConfig):
     def run_fingerprint(self) -> dict:
         """What a resumed run, or a new version in the same RUN_DIR, must share with the run
         before it: taken before `resolve`, so automatic settings are None."""
-        return self.model_dump(
+        settings = self.model_dump(
             mode="json", include={"model", "preset", "batch_size", "lr", "seed", "workers"}
         )
+        if self.objective != "supervised":  # absent for supervised: run.json from before it
+            settings.update(objective=self.objective, temperature=self.temperature)
+        return settings
 
 
 class ExtractConfig(StageConfig):

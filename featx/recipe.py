@@ -88,9 +88,17 @@ MIN_STEPS_PER_EPOCH = 32
 MIN_EPOCHS, MIN_STEPS, MAX_AUTO_EPOCHS = 20, 500, 100
 
 
-def auto_batch_size(n_train: int, workers: int) -> int:
+# A contrastive loss takes its negatives from the batch: every worker's batch of 32 (64 views)
+# is the floor, whatever the dataset's size.
+CONTRASTIVE_MIN_BATCH, CONTRASTIVE_MAX_BATCH = 32, 128
+
+
+def auto_batch_size(n_train: int, workers: int, contrastive: bool = False) -> int:
     """The per-worker batch size `featx train` uses when none is given."""
-    return max(MIN_BATCH, min(MAX_BATCH, n_train // (workers * MIN_STEPS_PER_EPOCH)))
+    low, high = (
+        (CONTRASTIVE_MIN_BATCH, CONTRASTIVE_MAX_BATCH) if contrastive else (MIN_BATCH, MAX_BATCH)
+    )
+    return max(low, min(high, n_train // (workers * MIN_STEPS_PER_EPOCH)))
 
 
 def auto_epochs(n_train: int, workers: int, batch_size: int) -> int:

@@ -77,7 +77,7 @@ def to_device(batches, device):
         yield (
             x.to(device, non_blocking=True),
             None if lengths is None else lengths.to(device),
-            batch["labels"].to(device),
+            None if batch["labels"] is None else batch["labels"].to(device),
             batch["keys"],
         )
 

@@ -49,6 +49,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     tokenizer = storage.local_path(config["tokenizer"]) if config.get("tokenizer") else None
     model = setup_model(cfg, card, tokenizer)
+    contrastive = cfg.objective != "supervised"
+    if contrastive:  # the projection head trains with the model; extraction never sees it
+        from featx.contrastive import ContrastiveNet
+
+        model = ContrastiveNet(model)
     steps_per_epoch = max(1, math.ceil(card["counts"]["train"]["total"] / world / cfg.batch_size))
     optimizer, scheduler = setup_optimizer(
         model, cfg.lr, cfg.weight_decay, cfg.warmup, steps_per_epoch * cfg.epochs
@@ -56,7 +61,7 @@ def train_loop_per_worker(config: dict) -> None:
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if config.get("warm_start") and not checkpoint:
-        loaded = warm_start(model, storage.local_path(config["warm_start"]))
+        loaded = warm_start(features_of(model), storage.local_path(config["warm_start"]))
         if rank == 0:
             log.info("warm start: %d of %d tensors from the previous version", *loaded)
     if checkpoint:
@@ -68,6 +73,13 @@ def train_loop_per_worker(config: dict) -> None:
     net = ddp.module if hasattr(ddp, "module") else ddp
     data = setup_data(cfg.loader, card, cfg.dataset, splits, cfg.batch_size, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    views = 2 if contrastive else 1
+    step_loss = (
+        contrastive_loss(cfg.temperature, cfg.batch_size, cfg.objective == "supcon")
+        if contrastive
+        else supervised_loss(cfg.label_smoothing)
+    )
+    fallback = (lambda: both_views(dummy_batch(card, device))) if contrastive else None
 
     for epoch in range(start_epoch, cfg.epochs):
         if should_stop(history, cfg.patience):  # restored from a checkpoint that stopped
@@ -79,6 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
             augment=cfg.augment,
             flip=cfg.flip,
             seed=cfg.seed + 1000 * epoch + rank,
+            views=views,
         )
         t_epoch = time.perf_counter()
         totals = run_epoch(
@@ -89,7 +102,8 @@ def train_loop_per_worker(config: dict) -> None:
             label_smoothing=cfg.label_smoothing,
             grad_clip=cfg.grad_clip,
             autocast=autocast,
-            fallback=lambda: dummy_batch(card, device),
+            fallback=fallback or (lambda: dummy_batch(card, device)),
+            step_loss=step_loss,
             keep_keys=bool(key_dir),
         )
         seconds = time.perf_counter() - t_epoch
@@ -107,13 +121,35 @@ def train_loop_per_worker(config: dict) -> None:
                 plain = make_collate(
                     card["modality"], tokenizer_path=tokenizer, max_tokens=cfg.max_tokens
                 )
-                metrics.update(evaluate(net, data.batches("val", plain), autocast))
+                if contrastive:
+                    # the same views every epoch (a fixed seed), so the val loss is comparable
+                    paired = make_collate(
+                        card["modality"],
+                        tokenizer_path=tokenizer,
+                        max_tokens=cfg.max_tokens,
+                        augment=True,
+                        flip=cfg.flip,
+                        seed=cfg.seed,
+                        views=2,
+                    )
+                    metrics.update(
+                        evaluate_contrastive(
+                            net,
+                            data.batches("val", paired),
+                            data.batches("val", plain),
+                            cfg.temperature,
+                            cfg.objective == "supcon",
+                            autocast,
+                        )
+                    )
+                else:
+                    metrics.update(evaluate(net, data.batches("val", plain), autocast))
             history.append(metrics)
             log_epoch(metrics, cfg.epochs)
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(
                     Path(tmp),
-                    net,
+                    features_of(net),
                     optimizer,
                     scheduler,
                     card,
@@ -123,7 +159,9 @@ def train_loop_per_worker(config: dict) -> None:
                         "rank_nodes": rank_nodes,
                         "max_tokens": cfg.max_tokens,
                         "version": config.get("version", 1),
+                        "objective": cfg.objective,
                     },
+                    head=net.projector if contrastive else None,
                 )
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
@@ -162,10 +200,29 @@ def setup_model(cfg: TrainConfig, card: dict, tokenizer: str | None) -> torch.nn
     return create_model(
         cfg.model,
         card["modality"],
-        len(card["classes"]),
+        # an unlabelled dataset (contrastive) has no classes; its unused head gets one logit
+        max(1, len(card["classes"])),
         cfg.preset,
         vocab_size=vocab,
         sample_rate=card["normalisation"].get("sample_rate", 16000),
+    )
+
+
+def features_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The feature model inside a contrastive wrapper (or the model itself): what is saved."""
+    from featx.contrastive import ContrastiveNet
+
+    return model.model if isinstance(model, ContrastiveNet) else model
+
+
+def both_views(batch: tuple) -> tuple:
+    """A one-sample batch as its two (identical) views."""
+    x, lengths, labels, keys = batch
+    return (
+        torch.cat([x, x]),
+        None if lengths is None else torch.cat([lengths, lengths]),
+        labels,
+        keys,
     )
 
 
@@ -187,8 +244,10 @@ def restore(folder: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]
 
     meta = load_meta(folder)
     verify(folder, meta)  # a checkpoint copy cut short stops here, not as garbage weights
-    model.load_state_dict(torch.load(Path(folder) / MODEL_FILE, weights_only=True))
+    features_of(model).load_state_dict(torch.load(Path(folder) / MODEL_FILE, weights_only=True))
     state = load_train_state(folder)
+    if "head" in state:  # a contrastive run's projection head
+        model.projector.load_state_dict(state["head"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["epoch"]), meta["metrics"]["history"]
@@ -231,10 +290,15 @@ def run_epoch(
     fallback: Callable[[], tuple],
     autocast=None,
     keep_keys: bool = False,
+    step_loss: Callable | None = None,
 ) -> EpochTotals:
     """One optimizer step per item of `batches`: a (x, lengths, labels, keys) batch, or None
-    for a zero-weight step; `fallback()` gives the batch to step on before any real one."""
+    for a zero-weight step; `fallback()` gives the batch to step on before any real one.
+
+    `step_loss(model, x, lengths, labels, real)` gives (loss, summed loss, samples, correct);
+    the default is supervised cross-entropy with `label_smoothing`."""
     autocast = autocast or nullcontext()
+    step_loss = step_loss or supervised_loss(label_smoothing)
     model.train()
     totals = EpochTotals()
     last = None
@@ -244,8 +308,7 @@ def run_epoch(
         real = batch is not None
         x, lengths, labels, keys = batch if real else last or fallback()
         with autocast:
-            logits = model(x, lengths)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            loss, loss_sum, seen, correct = step_loss(model, x, lengths, labels, real)
         optimizer.zero_grad(set_to_none=True)
         (loss if real else loss * 0.0).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -253,12 +316,54 @@ def run_epoch(
         scheduler.step()
         if real:
             last = batch
-            totals.loss_sum += loss.item() * len(labels)
-            totals.correct += (logits.argmax(1) == labels).sum().item()
-            totals.seen += len(labels)
+            totals.loss_sum += loss_sum
+            totals.correct += correct
+            totals.seen += seen
             if keep_keys:
                 totals.keys += keys
     return totals
+
+
+def supervised_loss(label_smoothing: float) -> Callable:
+    """Cross-entropy of the model's logits (computed in fp32) against the labels."""
+
+    def step(model, x, lengths, labels, real):
+        logits = model(x, lengths)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        if not real:
+            return loss, 0.0, 0, 0
+        return (
+            loss,
+            loss.item() * len(labels),
+            len(labels),
+            (logits.argmax(1) == labels).sum().item(),
+        )
+
+    return step
+
+
+def contrastive_loss(temperature: float, batch_size: int, use_labels: bool) -> Callable:
+    """NT-Xent over the global batch (`featx.contrastive.nt_xent`): `x` holds the two views of
+    its samples, view 1 first. A zero-weight step still joins the gather, with no valid rows."""
+    from featx.contrastive import nt_xent, pad_views
+
+    def step(model, x, lengths, labels, real):
+        n = x.shape[0] // 2
+        z = pad_views(model(x, lengths), n, batch_size)
+        valid = torch.zeros(2 * batch_size, dtype=torch.bool, device=z.device)
+        if real:
+            valid[:n] = valid[batch_size : batch_size + n] = True
+        both = None
+        if use_labels:
+            padded = torch.full((batch_size,), -1, dtype=torch.long, device=z.device)
+            padded[:n] = labels
+            both = torch.cat([padded, padded])
+        with torch.autocast(z.device.type, enabled=False):  # the loss in fp32
+            loss, summed, anchors, found = nt_xent(z.float(), valid, temperature, both)
+        # per sample: the mean of its two views' anchor losses; correct: views that found theirs
+        return loss, summed.item() / 2, int(anchors.item()) // 2, found.item() / 2
+
+    return step
 
 
 def reduce_metrics(
@@ -302,6 +407,51 @@ def evaluate(model, batches, autocast=None) -> dict:
     return {"val_loss": loss_sum / max(n, 1), "val_accuracy": correct / max(n, 1)}
 
 
+def evaluate_contrastive(
+    net, paired, plain, temperature: float, use_labels: bool, autocast=None, cap: int = 4096
+) -> dict:
+    """Rank 0's view of a contrastive run on `val`, with no labels needed: the loss on fixed
+    views (`paired` batches), the views' alignment, and the features' uniformity and effective
+    rank; with labels, also a leave-one-out kNN accuracy of the features. At most `cap`
+    samples feed the monitors."""
+    from featx import contrastive as c
+
+    autocast = autocast or nullcontext()
+    net.eval()
+    loss_sum = found = n = 0.0
+    align, feats, labels = [], [], []
+    identity = lambda t: t  # noqa: E731 (rank 0 alone: no other rank to gather from)
+    with torch.inference_mode():
+        for x, lengths, y, _ in paired:
+            with autocast:
+                f = net.model.forward_features(x, lengths)
+                z = net.projector(f)
+            b = len(z) // 2
+            valid = torch.ones(len(z), dtype=torch.bool, device=z.device)
+            both = torch.cat([y, y]) if use_labels else None
+            _, summed, anchors, hits = c.nt_xent(z, valid, temperature, both, gather_fn=identity)
+            loss_sum, found, n = loss_sum + summed.item() / 2, found + hits.item() / 2, n + b
+            align.append(c.alignment(f[:b], f[b:]) * b)
+        for x, lengths, y, _ in plain:
+            if sum(len(t) for t in feats) >= cap:
+                break
+            with autocast:
+                feats.append(net.model.forward_features(x, lengths).float())
+            labels.append(y)
+    net.train()
+    features = torch.cat(feats)[:cap]
+    metrics = {
+        "val_loss": loss_sum / max(n, 1),
+        "val_view_accuracy": found / max(n, 1),
+        "alignment": sum(align) / max(n, 1),
+        "uniformity": c.uniformity(features),
+        "effective_rank": c.effective_rank(features),
+    }
+    if labels and all(y is not None for y in labels):
+        metrics["knn_accuracy"] = c.knn_accuracy(features, torch.cat(labels)[:cap])
+    return metrics
+
+
 def gather_strings(text: str, world: int, device, size: int = 128) -> list[str]:
     """Every rank's `text` (at most `size` UTF-8 bytes), in rank order: a tensor all_gather on
     the rank's device, not `all_gather_object`, whose pickled CPU tensors NCCL refuses."""
@@ -326,6 +476,21 @@ def stop_together(stop: bool, world: int, device) -> bool:
 
 
 def log_epoch(metrics: dict, epochs: int) -> None:
+    if "effective_rank" in metrics:  # a contrastive run: its label-free monitors
+        log.info(
+            "epoch %d/%d  train_loss %.4f  val_loss %s  alignment %s  uniformity %s  "
+            "effective rank %s  knn_acc %s  %.0f samples/s",
+            metrics["epoch"],
+            epochs,
+            metrics["train_loss"],
+            _fmt(metrics.get("val_loss")),
+            _fmt(metrics.get("alignment")),
+            _fmt(metrics.get("uniformity")),
+            _fmt(metrics.get("effective_rank")),
+            _fmt(metrics.get("knn_accuracy")),
+            metrics["samples_per_s_total"],
+        )
+        return
     log.info(
         "epoch %d/%d  train_loss %.4f  val_loss %s  val_acc %s  %.0f samples/s",
         metrics["epoch"],
@@ -348,7 +513,7 @@ def _fmt(v) -> str:
 
 
 def save_checkpoint(
-    folder: Path, model, optimizer, scheduler, card, tokenizer, history, extra: dict
+    folder: Path, model, optimizer, scheduler, card, tokenizer, history, extra: dict, head=None
 ) -> None:
     """A Ray Train checkpoint: the model directory of the epoch `history[-1]` records (with
     the run's tokenizer, and `extra`: what extraction must do the same way, such as
@@ -366,4 +531,4 @@ def save_checkpoint(
         tokenizer=tokenizer,
         extra={"epoch": metrics["epoch"], **extra},
     )
-    save_train_state(folder, optimizer, scheduler, metrics["epoch"])
+    save_train_state(folder, optimizer, scheduler, metrics["epoch"], head=head)

@@ -302,10 +302,21 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _objective_saved(run: Path, objective: str) -> None:
+    """best/ holds the feature model alone, whatever the objective: extraction loads it."""
+    from featx.checkpoint import load_model
+
+    model, meta = load_model(run / "best")
+    assert meta.get("objective", "supervised") == objective
+    assert not any(k.startswith("projector") for k in model.state_dict())
+
+
 @pytest.mark.slow
-def test_a_killed_worker_is_survived(tmp_path, shards):
+@pytest.mark.parametrize("objective", ["supervised", "contrastive"])
+def test_a_killed_worker_is_survived(tmp_path, shards, objective):
     run = tmp_path / "run"
     opts = "--workers 2 --epochs 5 --batch-size 4 --max-failures 2 --patience 0".split()
+    opts += ["--objective", objective]
     proc = subprocess.Popen(
         [*FEATX, "train", str(shards), "--out", str(run), *opts],
         stdout=subprocess.PIPE,
@@ -330,10 +341,12 @@ def test_a_killed_worker_is_survived(tmp_path, shards):
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
     assert metrics["last"]["epoch"] <= 5
     assert "resuming from the checkpoint" in out  # the restarted workers resumed, not restarted
+    _objective_saved(run, objective)
 
 
 @pytest.mark.slow
-def test_rerun_after_the_driver_died_resumes(tmp_path, shards):
+@pytest.mark.parametrize("objective", ["supervised", "contrastive"])
+def test_rerun_after_the_driver_died_resumes(tmp_path, shards, objective):
     run = tmp_path / "run"
     args = [
         "train",
@@ -343,6 +356,7 @@ def test_rerun_after_the_driver_died_resumes(tmp_path, shards):
         # Epochs here take well under a second, and Ray Train registers checkpoints in its
         # controller's polls: with 4 epochs a run sometimes finished before the kill landed.
         *"--workers 2 --epochs 10 --batch-size 4 --patience 0".split(),
+        *("--objective", objective),
     ]
     proc = subprocess.Popen(
         [*FEATX, *args],
@@ -365,3 +379,7 @@ def test_rerun_after_the_driver_died_resumes(tmp_path, shards):
     import pandas as pd
 
     assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == list(range(1, 11))
+    _objective_saved(run, objective)
+    if objective == "contrastive":  # the label-free monitors, every epoch
+        columns = set(pd.read_csv(run / "metrics.csv").columns)
+        assert {"alignment", "uniformity", "effective_rank", "knn_accuracy"} <= columns

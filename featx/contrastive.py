@@ -1,0 +1,151 @@
+"""Self-supervised training: two views of each sample, a projection head, and an NT-Xent loss
+whose negatives are every rank's samples (SimCLR), or, with labels, supervised contrastive.
+
+`ContrastiveNet` wraps a feature model with the projection head that only training uses:
+`featx.json` and `model.pt` hold the feature model alone, so extraction, probing and versions
+treat a contrastive model exactly as a supervised one. The loss and the label-free monitors are
+plain functions of tensors, tested without Ray (and against a 2-rank process group).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+PROJECTION_DIM = 128
+KNN_K = 10
+
+
+class ContrastiveNet(nn.Module):
+    """features -> MLP projection head (Linear, BatchNorm, ReLU, Linear): SimCLR's head. The
+    loss is computed on the head's output; the features before it transfer better."""
+
+    def __init__(self, model: nn.Module, out_dim: int = PROJECTION_DIM) -> None:
+        super().__init__()
+        d = model.feature_dim
+        # The feature model's classifier head takes no part (and DDP would wait for its
+        # gradients); it stays in model.pt so the model directory loads like any other.
+        model.head.requires_grad_(False)
+        self.model = model
+        self.projector = nn.Sequential(
+            nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, out_dim)
+        )
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.projector(self.model.forward_features(x, lengths))
+
+
+def gather(z: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `z`, concatenated in rank order, with gradients flowing back to each
+    rank's own rows (torch.distributed.nn's all_gather); `z` alone without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    import torch.distributed._functional_collectives as fc
+
+    # The functional collective's backward sends each rank the gradient of its own rows, summed
+    # over every rank's loss. torch renamed it (2.13 warns on the old name); both are the same.
+    all_gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    return all_gather(z.contiguous(), 0, dist.group.WORLD)
+
+
+def pad_views(z: torch.Tensor, n: int, size: int) -> torch.Tensor:
+    """(2n, D) rows [view 1 of n samples; view 2 of them] -> (2 size, D), each view zero-padded
+    to `size` rows, so every rank gathers one shape whatever its batch."""
+    pad = z.new_zeros(size - n, z.shape[1])
+    return torch.cat([z[:n], pad, z[n:], pad], 0)
+
+
+def nt_xent(
+    z: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float,
+    labels: torch.Tensor | None = None,
+    gather_fn=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contrastive loss of this rank's anchors against every rank's samples.
+
+    `z` (2 size, D) holds this rank's padded views (`pad_views`): row i's positive is row
+    i + size (and back); `valid` (2 size,) marks real rows. With `labels` (2 size,) every row
+    of the same label is a positive too (supervised contrastive, SupCon's L_out). `gather_fn`
+    (default `gather`: every rank's rows) collects the candidates.
+
+    Returns (loss to backpropagate, this rank's summed anchor loss, anchors, anchors whose
+    nearest candidate is their other view). The loss to backpropagate is scaled so that DDP's
+    mean of the ranks' gradients is the gradient of the mean over all ranks' anchors: the same
+    as one process with the whole global batch.
+    """
+    gather_fn = gather_fn or gather
+    z = F.normalize(z.float(), dim=1)
+    rows, size = z.shape[0], z.shape[0] // 2
+    every_z = gather_fn(z)
+    every_valid = gather_fn(valid.float().unsqueeze(1)).squeeze(1) > 0
+    world = every_z.shape[0] // rows
+    rank = dist.get_rank() if world > 1 else 0
+    local = torch.arange(rows, device=z.device)
+    own = local + rank * rows  # global index of each local row
+    partner = own + torch.where(local < size, size, -size)
+    logits = z @ every_z.T / temperature
+    logits = logits.masked_fill(~every_valid[None, :], float("-inf"))
+    logits[local, own] = float("-inf")  # never its own candidate
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    if labels is None:
+        anchor_loss = -log_prob[local, partner]
+    else:
+        every_label = gather_fn(labels.float().unsqueeze(1)).squeeze(1)
+        positive = (labels.float()[:, None] == every_label[None, :]) & every_valid[None, :]
+        positive[local, own] = False
+        safe = log_prob.masked_fill(~positive, 0.0)
+        anchor_loss = -safe.sum(1) / positive.sum(1).clamp(min=1)
+    anchor_loss = anchor_loss[valid]
+    found = (logits.argmax(1) == partner)[valid]
+    total_anchors = every_valid.sum().clamp(min=1)
+    summed = anchor_loss.sum()
+    return summed * world / total_anchors, summed.detach(), valid.sum(), found.sum()
+
+
+# -- monitors without labels ----------------------------------------------------------------------
+
+
+def alignment(z1: torch.Tensor, z2: torch.Tensor) -> float:
+    """Mean squared distance between the normalised views of a sample (Wang & Isola; lower is
+    better aligned)."""
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    return (z1 - z2).pow(2).sum(1).mean().item()
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
+    """log E exp(-t |zi - zj|^2) over pairs of normalised rows (lower: spread more evenly over
+    the sphere; a collapsed model scores 0)."""
+    z = F.normalize(z.float(), dim=1)
+    if len(z) < 2:
+        return 0.0
+    return torch.pdist(z).pow(2).mul(-t).exp().mean().log().item()
+
+
+def effective_rank(features: torch.Tensor) -> float:
+    """exp of the entropy of the normalised singular values of the centred features (Roy &
+    Vetterli): about how many directions the features use; 1 when they collapse to a line."""
+    x = features.float() - features.float().mean(0, keepdim=True)
+    s = torch.linalg.svdvals(x)
+    p = s / s.sum().clamp(min=1e-12)
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = KNN_K) -> float:
+    """Leave-one-out k-nearest-neighbour accuracy (cosine, majority vote) of `features` against
+    each other: how well the features separate the classes, with nothing trained on the labels."""
+    n = len(features)
+    if n < 2:
+        return float("nan")
+    f = F.normalize(features.float(), dim=1)
+    sim = f @ f.T
+    sim.fill_diagonal_(float("-inf"))
+    # a small val split gets fewer neighbours: k near n is the majority class, not a test
+    idx = sim.topk(max(1, min(k, (n - 1) // 4)), dim=1).indices
+    votes = F.one_hot(labels[idx], int(labels.max()) + 1).sum(1)
+    return (votes.argmax(1) == labels).float().mean().item()
