@@ -73,7 +73,7 @@ def extract(
         last = ("*.parquet", f"{VERSIONS}/*/{MANIFEST}", MANIFEST)
         markers = (MANIFEST, VERSIONS)
         with storage.staged_output(
-            cfg.out, last=last, overwrite=cfg.overwrite, markers=markers
+            cfg.out, last=last, overwrite=cfg.overwrite, markers=markers, what="extract"
         ) as local:
             summary = extract(cfg.model_copy(update={"out": local, "overwrite": False}), progress)
         summary.out = storage.display(cfg.out)

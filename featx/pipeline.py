@@ -48,6 +48,8 @@ class PipelineConfig(StageConfig):
     # train
     model: Literal["cnn", "rnn", "attention"] = field_from(TrainConfig, "model")
     preset: str = field_from(TrainConfig, "preset")
+    objective: Literal["supervised", "contrastive", "supcon"] = field_from(TrainConfig, "objective")
+    temperature: float = field_from(TrainConfig, "temperature")
     epochs: int | None = field_from(TrainConfig, "epochs")
     patience: int = field_from(TrainConfig, "patience")
     workers: int = field_from(TrainConfig, "workers")
@@ -113,15 +115,18 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     """Every stage in order, without Prefect; returns the same summary the flow returns."""
     from featx.extract import extract
     from featx.ingest import ingest
-    from featx.probe import probe
+    from featx.probe import describe, probe
     from featx.train import train
 
     t0 = time.perf_counter()
     ingested = ingest(cfg.ingest_config()).to_dict()
     trained = train(cfg.train_config()).to_dict()
     extracted = extract(cfg.extract_config()).to_dict()
-    probed = probe(cfg.probe_config()).to_dict()
-    summary = summarise(cfg, ingested, trained, extracted, probed, time.perf_counter() - t0)
+    described = describe(cfg.features)
+    probed = probe(cfg.probe_config()).to_dict() if described["labelled"] else None
+    summary = summarise(
+        cfg, ingested, trained, extracted, probed, time.perf_counter() - t0, described
+    )
     write_report(cfg.report, summary)
     return summary
 
@@ -131,10 +136,12 @@ def summarise(
     ingested: dict,
     trained: dict,
     extracted: dict,
-    probed: dict,
+    probed: dict | None,
     seconds: float,
+    described: dict | None = None,
 ) -> dict:
-    """One JSON-able record of a pipeline run (stage results as dicts): what reports show."""
+    """One JSON-able record of a pipeline run (stage results as dicts): what reports show.
+    `probed` is None for unlabelled data; `described` is `featx.probe.describe`'s summary."""
     return {
         "src": str(cfg.src),
         "workdir": str(cfg.workdir),
@@ -143,6 +150,8 @@ def summarise(
         "train": trained,
         "extract": extracted,
         "probe": probed,
+        "described": described,
+        "objective": cfg.objective,
         "features": str(cfg.features),
         "curves": str(storage.join(cfg.run_dir, "curves.png")),
         "report": str(cfg.report),
@@ -151,7 +160,7 @@ def summarise(
 
 
 def report_markdown(s: dict) -> str:
-    from featx.probe import headline
+    from featx.probe import describe_line, headline
 
     ing, tr, ex, pr = s["ingest"], s["train"], s["extract"], s["probe"]
     rejects = ", ".join(f"{k}: {v}" for k, v in ing["rejected"].items()) or "none"
@@ -162,16 +171,34 @@ def report_markdown(s: dict) -> str:
         "| --- | --- |",
         f"| ingest | {ing['total']} samples in {ing['shards_total']} shards "
         f"({ing['ingested']} new); rejected: {rejects} |",
-        f"| train | {tr['epochs']} epochs; best val loss {_f(tr['best_val_loss'])}, "
-        f"val accuracy {_f(tr['best_val_accuracy'])} |",
+        f"| train | {train_line(tr, s.get('objective', 'supervised'))} |",
         f"| extract | {ex['total_rows']} rows of {ex['feature_dim']} floats in `{s['features']}` |",
-        f"| probe | {headline(pr)} |",
+        f"| probe | {headline(pr) if pr else describe_line(s['described'])} |",
         "",
         f"- Training curves: `{s['curves']}`",
         f"- Features (Parquet): `{s['features']}`",
         f"- Wall time: {s['seconds']} s",
     ]
     return "\n".join(lines) + "\n"
+
+
+def train_line(tr: dict, objective: str) -> str:
+    """The report's training row: val loss and accuracy, or a contrastive run's monitors."""
+    line = f"{tr['epochs']} epochs, {objective}; best val loss {_f(tr['best_val_loss'])}"
+    if objective == "supervised":
+        return f"{line}, val accuracy {_f(tr['best_val_accuracy'])}"
+    last = tr["metrics"][-1] if tr["metrics"] else {}
+    monitors = [
+        f"{name} {_f(last.get(key))}"
+        for name, key in (
+            ("alignment", "alignment"),
+            ("uniformity", "uniformity"),
+            ("effective rank", "effective_rank"),
+            ("val kNN accuracy", "knn_accuracy"),
+        )
+        if last.get(key) is not None
+    ]
+    return ", ".join([line, *monitors]) + " (last epoch)"
 
 
 def write_report(path, summary: dict) -> None:

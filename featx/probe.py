@@ -67,7 +67,7 @@ def probe(cfg: ProbeConfig, progress: Callable[[int, int], None] | None = None) 
 
     if storage.is_uri(cfg.features):
         # Probe a local copy (it reads every row anyway); the baseline's features go back.
-        with storage.staged_output(cfg.features, last=("*.parquet",)) as local:
+        with storage.staged_output(cfg.features, last=("*.parquet",), what="probe") as local:
             result = probe(cfg.model_copy(update={"features": local}), progress)
         result.features_dir = storage.display(cfg.features)
         if result.baseline_dir:
@@ -205,6 +205,35 @@ def headline(probe: dict) -> str:
         f"accuracy {f(probe['accuracy'])} vs random-init baseline "
         f"{f(probe.get('baseline_accuracy'))}, {classic} {f(probe.get('classic_accuracy'))}, "
         f"majority class {f(probe.get('majority_accuracy'))}"
+    )
+
+
+def describe(features) -> dict:
+    """What a features folder holds, without labels: rows per split, the dimension, and how
+    the features spread (effective rank, uniformity, mean norm); `labelled` says whether a
+    probe can score them. The report of a run on unlabelled data."""
+    import torch
+
+    from featx.contrastive import effective_rank, uniformity
+
+    X, df = read_features(features)
+    sample = torch.from_numpy(X[np.random.default_rng(0).permutation(len(X))[:4096]])
+    return {
+        "rows": {str(k): int(v) for k, v in df["split"].value_counts().sort_index().items()},
+        "feature_dim": int(X.shape[1]),
+        "labelled": bool(df["label"].notna().any()),
+        "effective_rank": round(effective_rank(sample), 2),
+        "uniformity": round(uniformity(sample), 3),
+        "mean_norm": round(float(np.linalg.norm(X, axis=1).mean()), 3),
+    }
+
+
+def describe_line(d: dict) -> str:
+    rows = ", ".join(f"{k} {v}" for k, v in d["rows"].items())
+    return (
+        f"no labels to probe with: {rows} rows of {d['feature_dim']} floats; effective rank "
+        f"{d['effective_rank']:.1f}, uniformity {d['uniformity']:.2f}, mean norm "
+        f"{d['mean_norm']:.2f}"
     )
 
 

@@ -99,7 +99,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     # An object store: Ray Train writes checkpoints there directly (from any node); the driver
     # keeps a local mirror for run.json, best/ and the curves, and pushes them back.
     with storage.staged_output(
-        cfg.out, last=("best/featx.json",), overwrite=cfg.overwrite, markers=RUN_MARKERS
+        cfg.out,
+        last=("best/featx.json",),
+        overwrite=cfg.overwrite,
+        markers=RUN_MARKERS,
+        what="train",
     ) as local:
         result = _train(cfg.model_copy(update={"overwrite": False}), local, cfg.out, t0, requested)
     result.run_dir = storage.display(cfg.out)

@@ -6,7 +6,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from featx.config import ExtractConfig, ProbeConfig
-from featx.probe import headline
+from featx.probe import describe, describe_line, headline
 from flows.tasks import class_table_artifact, extract_task, probe_task
 
 
@@ -16,17 +16,27 @@ def extract_flow(config: ExtractConfig, run_probe: bool = True) -> dict:
     from featx.dataset import load_card
 
     summary = extract_task(config)
-    probe = probe_task(ProbeConfig.parse(features=config.out)) if run_probe else None
+    described = describe(config.out)
+    # unlabelled data (a contrastive model's) has nothing to probe: describe the features
+    probe = (
+        probe_task(ProbeConfig.parse(features=config.out))
+        if run_probe and described["labelled"]
+        else None
+    )
     create_markdown_artifact(
         key="featx-extract",
         markdown=(
             f"# Features\n\n{summary['total_rows']} rows x {summary['feature_dim']} floats in "
             f"`{summary['out']}` ({summary['files_written']} files written, "
             f"{summary['files_skipped']} already done).\n\n"
-            + (f"Linear probe (val): {headline(probe)}.\n" if probe else "")
+            + (
+                f"Linear probe (val): {headline(probe)}.\n"
+                if probe
+                else f"Features: {describe_line(described)}.\n"
+            )
         ),
         description="Extraction summary",
     )
     class_table_artifact(load_card(config.dataset), probe)
     print(f"features: {summary['out']}")
-    return {"extract": summary, "probe": probe}
+    return {"extract": summary, "probe": probe, "described": described}

@@ -8,7 +8,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from featx.pipeline import PipelineConfig, report_markdown, summarise, write_report
-from featx.probe import headline
+from featx.probe import describe, describe_line, headline
 from flows.tasks import (
     class_table_artifact,
     extract_task,
@@ -29,12 +29,17 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B
     ingest_artifacts(ingested)
     trained = train_task(config.train_config())
     extracted = extract_task(config.extract_config())
-    probed = probe_task(config.probe_config())
-    summary = summarise(config, ingested, trained, extracted, probed, time.perf_counter() - t0)
+    described = describe(config.features)
+    # unlabelled data has nothing to probe: the report describes the features instead
+    probed = probe_task(config.probe_config()) if described["labelled"] else None
+    summary = summarise(
+        config, ingested, trained, extracted, probed, time.perf_counter() - t0, described
+    )
     write_report(config.report, summary)
     create_markdown_artifact(
         key="featx-pipeline", markdown=report_markdown(summary), description="Pipeline report"
     )
     class_table_artifact(load_card(config.shards), probed)
-    print(f"features: {config.features}  probe: {headline(probed)}  report: {config.report}")
+    outcome = headline(probed) if probed else describe_line(described)
+    print(f"features: {config.features}  probe: {outcome}  report: {config.report}")
     return summary

@@ -32,8 +32,16 @@ def train_artifacts(r: dict) -> None:
         markdown=(
             f"# Training: {len(r['metrics'])} epochs\n\n"
             f"- best val loss: {r['best_val_loss']}\n"
-            f"- best val accuracy: {r['best_val_accuracy']}\n"
-            f"- best model directory: `{r['best_dir']}`\n"
+            + (
+                f"- best val accuracy: {r['best_val_accuracy']}\n"
+                if r["best_val_accuracy"] is not None
+                else "".join(  # a contrastive run: its label-free monitors
+                    f"- {k.replace('_', ' ')} (last epoch): {r['metrics'][-1][k]:.4f}\n"
+                    for k in ("alignment", "uniformity", "effective_rank", "knn_accuracy")
+                    if r["metrics"] and k in r["metrics"][-1]
+                )
+            )
+            + f"- best model directory: `{r['best_dir']}`\n"
             f"- training curves: `{r['run_dir']}/curves.png`\n"
             f"- metrics: `{r['run_dir']}/metrics.csv`\n"
         ),

@@ -174,3 +174,67 @@ def test_train_and_extract_flows(harness, ray_local, tmp_path):
     assert out["probe"]["accuracy"] > out["probe"]["majority_accuracy"]  # red vs blue is learnt
     arts = _artifacts(state.state_details.flow_run_id)
     assert {"featx-extract", "featx-classes"} <= set(arts)
+
+
+def _stripes(root: Path, n: int = 64) -> Path:
+    """A flat folder (no labels): noisy stripes, horizontal (h_*) or vertical (v_*), of random
+    colours and phase. The orientation is the class the training never sees."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    for i in range(n):
+        kind = "hv"[i % 2]
+        period = int(rng.integers(3, 6))
+        wave = (np.arange(20) + rng.integers(period)) % period < period / 2
+        mask = np.tile(
+            wave[:, None] if kind == "h" else wave[None, :], (1, 20) if kind == "h" else (20, 1)
+        )
+        colour = rng.integers(60, 255, 3)
+        arr = np.where(mask[..., None], colour, 255 - colour) + rng.normal(0, 25, (20, 20, 3))
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / f"{kind}_{i:03d}.png")
+    return root
+
+
+def test_pipeline_flow_learns_features_from_an_unlabelled_folder(harness, ray_local, tmp_path):
+    """A flat folder of unlabelled images goes from raw files to Parquet features through the
+    pipeline flow with the contrastive objective; the report needs no labels, and the features
+    separate a class the training never saw."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featx.features import read_features
+    from featx.pipeline import PipelineConfig
+    from flows.pipeline import pipeline_flow
+
+    cfg = PipelineConfig.parse(
+        src=_stripes(tmp_path / "flat", 96),
+        workdir=tmp_path / "work",
+        objective="contrastive",
+        epochs=25,  # about 75 steps of 32 samples: orientation is learnt (random init: ~0.7)
+        patience=0,
+        batch_size=16,
+        shard_samples=16,
+        image_size=16,
+        val_fraction=0.25,
+    )
+    state = pipeline_flow(cfg, return_state=True)
+    assert state.is_completed(), state
+    s = state.result()
+    assert s["probe"] is None and s["described"]["labelled"] is False
+    report = Path(s["report"]).read_text()
+    assert "no labels to probe with" in report and "effective rank" in report
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert "effective rank" in arts["featx-pipeline"].data
+
+    X, df = read_features(cfg.features)
+    assert len(X) == s["ingest"]["total"] == 96 and df["label"].isna().all()
+    hidden = df["source"].str.rsplit("/", n=1).str[-1].str.startswith("h_").to_numpy()
+    train = (df["split"] == "train").to_numpy()
+    # featx probe's classifier, fitted on labels only the test knows
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    clf.fit(X[train], hidden[train])
+    assert np.mean(clf.predict(X[~train]) == hidden[~train]) >= 0.85
