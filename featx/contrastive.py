@@ -10,6 +10,8 @@ plain functions of tensors, tested without Ray (and against a 2-rank process gro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -105,6 +107,75 @@ def nt_xent(
     total_anchors = every_valid.sum().clamp(min=1)
     summed = anchor_loss.sum()
     return summed * world / total_anchors, summed.detach(), valid.sum(), found.sum()
+
+
+# -- the training step and rank 0's evaluation ----------------------------------------------------
+
+
+def contrastive_loss(temperature: float, batch_size: int, use_labels: bool) -> Callable:
+    """NT-Xent over the global batch (`featx.contrastive.nt_xent`): `x` holds the two views of
+    its samples, view 1 first. A zero-weight step still joins the gather, with no valid rows."""
+
+    def step(model, x, lengths, labels, real):
+        n = x.shape[0] // 2
+        z = pad_views(model(x, lengths), n, batch_size)
+        valid = torch.zeros(2 * batch_size, dtype=torch.bool, device=z.device)
+        if real:
+            valid[:n] = valid[batch_size : batch_size + n] = True
+        both = None
+        if use_labels:
+            padded = torch.full((batch_size,), -1, dtype=torch.long, device=z.device)
+            padded[:n] = labels
+            both = torch.cat([padded, padded])
+        with torch.autocast(z.device.type, enabled=False):  # the loss in fp32
+            loss, summed, anchors, found = nt_xent(z.float(), valid, temperature, both)
+        # per sample: the mean of its two views' anchor losses; correct: views that found theirs
+        return loss, summed.item() / 2, int(anchors.item()) // 2, found.item() / 2
+
+    return step
+
+
+def evaluate_contrastive(
+    net, paired, plain, temperature: float, use_labels: bool, autocast=None, cap: int = 4096
+) -> dict:
+    """Rank 0's view of a contrastive run on `val`, with no labels needed: the loss on fixed
+    views (`paired` batches), the views' alignment, and the features' uniformity and effective
+    rank; with labels, also a leave-one-out kNN accuracy of the features. At most `cap`
+    samples feed the monitors."""
+    autocast = autocast or nullcontext()
+    net.eval()
+    loss_sum = found = n = 0.0
+    align, feats, labels = [], [], []
+    identity = lambda t: t  # noqa: E731 (rank 0 alone: no other rank to gather from)
+    with torch.inference_mode():
+        for x, lengths, y, _ in paired:
+            with autocast:
+                f = net.model.forward_features(x, lengths)
+                z = net.projector(f)
+            b = len(z) // 2
+            valid = torch.ones(len(z), dtype=torch.bool, device=z.device)
+            both = torch.cat([y, y]) if use_labels else None
+            _, summed, anchors, hits = nt_xent(z, valid, temperature, both, gather_fn=identity)
+            loss_sum, found, n = loss_sum + summed.item() / 2, found + hits.item() / 2, n + b
+            align.append(alignment(f[:b], f[b:]) * b)
+        for x, lengths, y, _ in plain:
+            if sum(len(t) for t in feats) >= cap:
+                break
+            with autocast:
+                feats.append(net.model.forward_features(x, lengths).float())
+            labels.append(y)
+    net.train()
+    features = torch.cat(feats)[:cap]
+    metrics = {
+        "val_loss": loss_sum / max(n, 1),
+        "val_view_accuracy": found / max(n, 1),
+        "alignment": sum(align) / max(n, 1),
+        "uniformity": uniformity(features),
+        "effective_rank": effective_rank(features),
+    }
+    if labels and all(y is not None for y in labels):
+        metrics["knn_accuracy"] = knn_accuracy(features, torch.cat(labels)[:cap])
+    return metrics
 
 
 # -- monitors without labels ----------------------------------------------------------------------

@@ -74,6 +74,8 @@ def train_loop_per_worker(config: dict) -> None:
     data = setup_data(cfg.loader, card, cfg.dataset, splits, cfg.batch_size, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     views = 2 if contrastive else 1
+    from featx.contrastive import contrastive_loss, evaluate_contrastive
+
     step_loss = (
         contrastive_loss(cfg.temperature, cfg.batch_size, cfg.objective == "supcon")
         if contrastive
@@ -342,30 +344,6 @@ def supervised_loss(label_smoothing: float) -> Callable:
     return step
 
 
-def contrastive_loss(temperature: float, batch_size: int, use_labels: bool) -> Callable:
-    """NT-Xent over the global batch (`featx.contrastive.nt_xent`): `x` holds the two views of
-    its samples, view 1 first. A zero-weight step still joins the gather, with no valid rows."""
-    from featx.contrastive import nt_xent, pad_views
-
-    def step(model, x, lengths, labels, real):
-        n = x.shape[0] // 2
-        z = pad_views(model(x, lengths), n, batch_size)
-        valid = torch.zeros(2 * batch_size, dtype=torch.bool, device=z.device)
-        if real:
-            valid[:n] = valid[batch_size : batch_size + n] = True
-        both = None
-        if use_labels:
-            padded = torch.full((batch_size,), -1, dtype=torch.long, device=z.device)
-            padded[:n] = labels
-            both = torch.cat([padded, padded])
-        with torch.autocast(z.device.type, enabled=False):  # the loss in fp32
-            loss, summed, anchors, found = nt_xent(z.float(), valid, temperature, both)
-        # per sample: the mean of its two views' anchor losses; correct: views that found theirs
-        return loss, summed.item() / 2, int(anchors.item()) // 2, found.item() / 2
-
-    return step
-
-
 def reduce_metrics(
     totals: EpochTotals, seconds: float, node_id: str, world: int, device
 ) -> tuple[dict, list[str]]:
@@ -405,51 +383,6 @@ def evaluate(model, batches, autocast=None) -> dict:
             n += len(labels)
     model.train()
     return {"val_loss": loss_sum / max(n, 1), "val_accuracy": correct / max(n, 1)}
-
-
-def evaluate_contrastive(
-    net, paired, plain, temperature: float, use_labels: bool, autocast=None, cap: int = 4096
-) -> dict:
-    """Rank 0's view of a contrastive run on `val`, with no labels needed: the loss on fixed
-    views (`paired` batches), the views' alignment, and the features' uniformity and effective
-    rank; with labels, also a leave-one-out kNN accuracy of the features. At most `cap`
-    samples feed the monitors."""
-    from featx import contrastive as c
-
-    autocast = autocast or nullcontext()
-    net.eval()
-    loss_sum = found = n = 0.0
-    align, feats, labels = [], [], []
-    identity = lambda t: t  # noqa: E731 (rank 0 alone: no other rank to gather from)
-    with torch.inference_mode():
-        for x, lengths, y, _ in paired:
-            with autocast:
-                f = net.model.forward_features(x, lengths)
-                z = net.projector(f)
-            b = len(z) // 2
-            valid = torch.ones(len(z), dtype=torch.bool, device=z.device)
-            both = torch.cat([y, y]) if use_labels else None
-            _, summed, anchors, hits = c.nt_xent(z, valid, temperature, both, gather_fn=identity)
-            loss_sum, found, n = loss_sum + summed.item() / 2, found + hits.item() / 2, n + b
-            align.append(c.alignment(f[:b], f[b:]) * b)
-        for x, lengths, y, _ in plain:
-            if sum(len(t) for t in feats) >= cap:
-                break
-            with autocast:
-                feats.append(net.model.forward_features(x, lengths).float())
-            labels.append(y)
-    net.train()
-    features = torch.cat(feats)[:cap]
-    metrics = {
-        "val_loss": loss_sum / max(n, 1),
-        "val_view_accuracy": found / max(n, 1),
-        "alignment": sum(align) / max(n, 1),
-        "uniformity": c.uniformity(features),
-        "effective_rank": c.effective_rank(features),
-    }
-    if labels and all(y is not None for y in labels):
-        metrics["knn_accuracy"] = c.knn_accuracy(features, torch.cat(labels)[:cap])
-    return metrics
 
 
 def gather_strings(text: str, world: int, device, size: int = 128) -> list[str]:

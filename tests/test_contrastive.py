@@ -12,8 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from featx.batching import make_collate
-from featx.contrastive import effective_rank, knn_accuracy, uniformity
-from featx.train_loop import contrastive_loss
+from featx.contrastive import contrastive_loss, effective_rank, knn_accuracy, uniformity
 
 DIM, FEATURES = 6, 4
 
