@@ -409,28 +409,19 @@ def stop_together(stop: bool, world: int, device) -> bool:
 
 
 def log_epoch(metrics: dict, epochs: int) -> None:
-    if "effective_rank" in metrics:  # a contrastive run: its label-free monitors
-        log.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %s  alignment %s  uniformity %s  "
-            "effective rank %s  knn_acc %s  %.0f samples/s",
-            metrics["epoch"],
-            epochs,
-            metrics["train_loss"],
-            _fmt(metrics.get("val_loss")),
-            _fmt(metrics.get("alignment")),
-            _fmt(metrics.get("uniformity")),
-            _fmt(metrics.get("effective_rank")),
-            _fmt(metrics.get("knn_accuracy")),
-            metrics["samples_per_s_total"],
-        )
-        return
+    # the middle columns: a contrastive run's label-free monitors, else validation accuracy
+    shown = (
+        ("alignment", "uniformity", "effective_rank", "knn_accuracy")
+        if "effective_rank" in metrics
+        else ("val_accuracy",)
+    )
     log.info(
-        "epoch %d/%d  train_loss %.4f  val_loss %s  val_acc %s  %.0f samples/s",
+        "epoch %d/%d  train_loss %.4f  val_loss %s  %s  %.0f samples/s",
         metrics["epoch"],
         epochs,
         metrics["train_loss"],
         _fmt(metrics.get("val_loss")),
-        _fmt(metrics.get("val_accuracy")),
+        "  ".join(f"{k} {_fmt(metrics.get(k))}" for k in shown),
         metrics["samples_per_s_total"],
     )
 
