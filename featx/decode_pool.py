@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -53,18 +53,25 @@ class _Run:
 
 
 def decode(
-    args: list[tuple], workers: int, params: N.Params, layout: N.Layout, out: Path
+    args: Iterable[tuple],
+    total: int,
+    workers: int,
+    params: N.Params,
+    layout: N.Layout,
+    out: Path,
 ) -> Iterator:
-    """Yield `N.work(arg)` for each of `args`, in order, computed on `workers` processes.
+    """Yield `N.work(arg)` for each of the `total` `args`, in order, computed on `workers`
+    processes; `args` is read only as far as the chunks in flight.
 
     Even one worker is a separate process: a decoder that crashes takes down that process,
     never the caller, whatever the inputs or the options. Results in transit wait in a hidden
     `out/.decode.tmpPID` folder, removed at the end (`shards.remove_partials` removes one a
     killed run left)."""
-    if not args:
+    if not total:
         return
-    chunk = max(1, min(8, len(args) // (workers * 8)))
-    chunks = [args[i : i + chunk] for i in range(0, len(args), chunk)]
+    chunk = max(1, min(8, total // (workers * 8)))
+    args = iter(args)
+    chunks = iter(lambda: list(islice(args, chunk)), [])
     spool = out / f"{SPOOL}{os.getpid()}"
     try:
         spool.mkdir(mode=0o700, exist_ok=True)
@@ -79,7 +86,7 @@ def decode(
         shutil.rmtree(spool, ignore_errors=True)
 
 
-def _pooled(chunks: list[list[tuple]], run: _Run, in_flight: int) -> Iterator:
+def _pooled(chunks: Iterable[list[tuple]], run: _Run, in_flight: int) -> Iterator:
     """Results of every chunk, in order, with `in_flight` chunks per worker in flight.
 
     A process that dies breaks the pool. The unfinished inputs in flight then run again on a

@@ -4,20 +4,23 @@ Inputs are processed in a fixed order (a hash of their source path, so shards mi
 a process pool (results taken in order), and the parent alone writes shards. A re-run or an
 incremental run ingests only what no finished shard holds, into new shards, so a killed run
 resumes to the same bytes. Samples whose source was deleted or edited leave by rewriting
-their shards, and small shards are merged, both kill-safe (`featx.ingest_changes`).
+their shards, and small shards are merged, both kill-safe (`featx.ingest_changes`). What grows
+with the number of inputs is kept on disk (`featx.ingest_plan.Plan`): memory stays flat.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import islice, tee
 from pathlib import Path
 
 from featx import __version__
@@ -31,10 +34,8 @@ from featx.dataset import (
     TOKENIZER,
     ShardWriter,
     build_card,
-    finished_shards,
     load_card,
     payload_ext,
-    read_stats,
     remove_partials,
     split_of,
     write_card,
@@ -42,11 +43,14 @@ from featx.dataset import (
 from featx.dataset import reasons as R
 from featx.decode_pool import decode
 from featx.errors import ConfigError
-from featx.fsutil import atomic_write_text, exclusive
+from featx.fsutil import atomic_path, exclusive, sha256_file
 from featx.ingest_plan import (
+    Plan,
+    as_os_error,
     check_compatible,
     class_map,
     detect_modality,
+    light,
     pending_inputs,
     write_order,
 )
@@ -97,133 +101,138 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
             log.info("removed %d partial file(s) left by an interrupted run", n)
         if n := C.recover(out):
             log.info("removed %d shard(s) an interrupted run had already rewritten", n)
-        found = _finished(out)
-        items, rejects, layout = discover(cfg.src)
-        modality = detect_modality(cfg, found, items)
-        classes = class_map(cfg, found, items)
-        check_compatible(cfg, found, modality)
-        # Samples whose source was deleted, relabelled, moved to another split or edited
-        # leave; the inputs of the last three are ingested again, as they are now.
-        changes = C.find_changes(items, found)
-        prior = changes.live(found)
-
-        pending, rejects = pending_inputs(out, items, rejects, prior)
-        order = write_order(
-            items, {e["source"]: e["sha256"] for st in prior for e in st["entries"]}
-        )
-        pending.sort(key=lambda it: order[it.source])
-        params = N.Params.of(cfg)
-        extra = {"modality": modality, "classes": classes, "normalisation": cfg.normalisation()}
-        writers = {
-            s: ShardWriter(
-                out, s, C.next_index(found, s), cfg.shard_samples, cfg.shard_bytes, extra
-            )
-            for s in SPLITS
-        }
-        # Samples already in finished shards, by the hash of their normalised payload (shards
-        # written before featx recorded it dedup by the input's bytes, as they did then).
-        seen = {
-            e.get("payload_sha256", e["sha256"]): e["key"] for st in prior for e in st["entries"]
-        }
-        ingested = 0
-        runs = None
+        plan = Plan(out)
         try:
-            nodes: set[str] = set()  # Ray node ids that decoded, on a cluster
-            sample_layout = N.Layout(modality, classes, cfg.val_fraction, cfg.test_fraction)
-            runs = _run(pending, params, sample_layout, cfg, out, nodes)
-            for i, (item, res) in enumerate(runs):
-                if isinstance(res, N.Normalised) and res.payload_sha256 in seen:
-                    duplicate_of = seen[res.payload_sha256]
-                    res = N.Rejected(R.DUPLICATE, f"duplicate of {duplicate_of}", res.sha256)
-                if isinstance(res, N.Rejected):
-                    reject = Reject(
-                        item.source, res.reason, res.detail, item.size, item.mtime_ns, res.sha256
-                    )
-                    rejects.append(reject)
-                    writers[split_of(item.source, cfg.val_fraction, cfg.test_fraction)].note_reject(
-                        reject.record()
-                    )
-                else:
-                    writers[res.split].write(res.tar, _entry(item, res))
-                    seen[res.payload_sha256] = res.key
-                    ingested += 1
-                if progress:
-                    progress(i + 1, len(pending))
-            for w in writers.values():
-                w.finish()
-        except BaseException as e:
-            if runs is not None:
-                # its pool stops now, not when the traceback is freed; the error to report is e
-                with contextlib.suppress(Exception):
-                    runs.close()
-            for w in writers.values():
-                w.abort()
-            if isinstance(e, OSError) and e.filename is None:
-                e.filename = str(out)  # a failed write() names no file; say where it was
-            raise
-        new_shards = [st for w in writers.values() for st in w.written]
-        # Shards that lose samples, and small shards past the threshold, are rewritten: each
-        # group into one new shard that names what it replaces; the card below lists the new
-        # ones, and the replaced shards are deleted after it.
-        finished = found + new_shards  # every finished shard's stats, without reading them again
-        groups = C.plan_rewrites(
-            finished, changes, cfg.shard_samples, cfg.compact_after, cfg.compact
-        )
-        for group in groups:
-            index = C.next_index(finished, group[0]["split"])
-            if (written := C.rewrite(out, group, changes, index, extra)) is not None:
-                finished.append(written)
-        replaced = {st["shard"] for group in groups for st in group}
-        stats = sorted(
-            (st for st in finished if st["shard"] not in replaced),
-            key=lambda st: (SPLITS.index(st["split"]), st["shard"]),
-        )
-        rejects.sort(key=lambda r: (r.source, r.reason))
-        rejected_changed = _write_if_changed(
-            out / REJECTED, "".join(json.dumps(r.record()) + "\n" for r in rejects)
-        )
-        # The card on disk may lag the shards: a run killed after its shards and before its
-        # card. So it is rebuilt from the shards every run and rewritten when it differs.
-        old = load_card(out) if (out / CARD).exists() else None
-        tokenizer = None
-        if modality == "text":
-            # Fitted once, by the first ingest (so a dataset is usable on its own); each model
-            # version then fits its own on the train shards it starts with (`featx train`).
-            tokenizer = TOKENIZER
-            if not (out / TOKENIZER).exists():
-                from featx.tokenizer import fit_tokenizer, shard_texts
+            summary = _ingest(cfg, out, plan, progress)
+        except sqlite3.Error as e:
+            if (error := as_os_error(e, out)) is None:
+                raise
+            raise error from e
+        finally:
+            plan.close()
+    summary.seconds = round(time.perf_counter() - t0, 3)
+    return summary
 
-                train_shards = [out / st["shard"] for st in stats if st["split"] == "train"]
-                fit_tokenizer(shard_texts(train_shards), cfg.vocab_size, out / TOKENIZER)
-        by_reason = dict(sorted(Counter(r.reason for r in rejects).items()))
-        card = build_card(
-            modality=modality,
-            layout=layout,
-            source=str(cfg.src),
-            classes=classes,
-            normalisation={
-                **cfg.normalisation(),
-                "payload": payload_ext(modality, cfg.image_format),
-            },
-            stats=stats,
-            rejected=by_reason,
-            tokenizer=tokenizer,
-            featx_version=__version__,
-        )
-        if modality == "text":
-            card["vocab_size"] = cfg.vocab_size
-        edits = {**changes.counts}
-        if groups:
-            edits["shards rewritten"] = len(replaced)
-        if edits or ingested:
-            card["last_changes"] = {"added": ingested, **edits, "at": card["updated_at"]}
-        elif old and old.get("last_changes"):
-            card["last_changes"] = old["last_changes"]
-        card_changed = old is None or _card_content(old) != _card_content(card)
-        if card_changed:
-            write_card(out, card)
-        C.delete_replaced(out, groups)
-        up_to_date = not new_shards and not rejected_changed and not card_changed
+
+def _ingest(cfg: IngestConfig, out: Path, plan: Plan, progress) -> IngestSummary:
+    """Plan, decode and write, rewrite, then the rejects and the card; per-input state lives
+    in `plan` (on disk), so memory does not grow with the number of inputs."""
+    found = plan.load_shards(out)  # every finished shard's stats, `light`
+    layout, inputs = discover(cfg.src)
+    plan.add_inputs(inputs)
+    modality = detect_modality(cfg, found, plan)
+    classes = class_map(cfg, found, plan)
+    check_compatible(cfg, found, modality)
+    # Samples whose source was deleted, relabelled, moved to another split or edited leave;
+    # the inputs of the last three are ingested again, as they are now.
+    changes = C.find_changes(plan, found)
+    pending_inputs(out, plan)
+    total = write_order(plan)
+    params = N.Params.of(cfg)
+    extra = {"modality": modality, "classes": classes, "normalisation": cfg.normalisation()}
+    writers = {
+        s: ShardWriter(out, s, C.next_index(found, s), cfg.shard_samples, cfg.shard_bytes, extra)
+        for s in SPLITS
+    }
+    ingested = 0
+    runs = None
+    nodes: set[str] = set()  # Ray node ids that decoded, on a cluster
+    try:
+        sample_layout = N.Layout(modality, classes, cfg.val_fraction, cfg.test_fraction)
+        runs = _run(plan.todo(), total, params, sample_layout, cfg, out, nodes)
+        for i, (item, res) in enumerate(runs):
+            if isinstance(res, N.Normalised) and (dup := plan.duplicate_of(res.payload_sha256)):
+                res = N.Rejected(R.DUPLICATE, f"duplicate of {dup}", res.sha256)
+            if isinstance(res, N.Rejected):
+                reject = Reject(
+                    item.source, res.reason, res.detail, item.size, item.mtime_ns, res.sha256
+                )
+                plan.add_rejects([reject])
+                w = writers[split_of(item.source, cfg.val_fraction, cfg.test_fraction)]
+                w.note_reject(reject.record())
+            else:
+                w = writers[res.split]
+                w.write(res.tar, _entry(item, res))
+                plan.keep(res.payload_sha256, res.key)
+                ingested += 1
+            _keep_light(w)
+            if i % 4096 == 4095:
+                plan.commit()
+            if progress:
+                progress(i + 1, total)
+        for w in writers.values():
+            w.finish()
+            _keep_light(w)
+    except BaseException as e:
+        if runs is not None:
+            # its pool stops now, not when the traceback is freed; the error to report is e
+            with contextlib.suppress(Exception):
+                runs.close()
+        for w in writers.values():
+            w.abort()
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(out)  # a failed write() names no file; say where it was
+        raise
+    new_shards = [st for w in writers.values() for st in w.written]
+    # Shards that lose samples, and small shards past the threshold, are rewritten: each
+    # group into one new shard that names what it replaces; the card below lists the new
+    # ones, and the replaced shards are deleted after it.
+    finished = found + new_shards  # every finished shard's stats, without reading them again
+    groups = C.plan_rewrites(finished, changes, cfg.shard_samples, cfg.compact_after, cfg.compact)
+    for group in groups:
+        index = C.next_index(finished, group[0]["split"])
+        if (written := C.rewrite(out, group, changes, index, extra)) is not None:
+            finished.append(written)
+    replaced = {st["shard"] for group in groups for st in group}
+    stats = sorted(
+        (st for st in finished if st["shard"] not in replaced),
+        key=lambda st: (SPLITS.index(st["split"]), st["shard"]),
+    )
+    plan.commit()
+    rejected_changed = _write_if_changed(out / REJECTED, plan.reject_lines())
+    # The card on disk may lag the shards: a run killed after its shards and before its
+    # card. So it is rebuilt from the shards every run and rewritten when it differs.
+    old = load_card(out) if (out / CARD).exists() else None
+    tokenizer = None
+    if modality == "text":
+        # Fitted once, by the first ingest (so a dataset is usable on its own); each model
+        # version then fits its own on the train shards it starts with (`featx train`).
+        # The texts stream from the shards: none is held for it.
+        tokenizer = TOKENIZER
+        if not (out / TOKENIZER).exists():
+            from featx.tokenizer import fit_tokenizer, shard_texts
+
+            train_shards = [out / st["shard"] for st in stats if st["split"] == "train"]
+            fit_tokenizer(shard_texts(train_shards), cfg.vocab_size, out / TOKENIZER)
+    by_reason = plan.reject_counts()
+    card = build_card(
+        modality=modality,
+        layout=layout,
+        source=str(cfg.src),
+        classes=classes,
+        normalisation={
+            **cfg.normalisation(),
+            "payload": payload_ext(modality, cfg.image_format),
+        },
+        stats=stats,
+        rejected=by_reason,
+        tokenizer=tokenizer,
+        featx_version=__version__,
+    )
+    if modality == "text":
+        card["vocab_size"] = cfg.vocab_size
+    edits = {**changes.counts}
+    if groups:
+        edits["shards rewritten"] = len(replaced)
+    if edits or ingested:
+        card["last_changes"] = {"added": ingested, **edits, "at": card["updated_at"]}
+    elif old and old.get("last_changes"):
+        card["last_changes"] = old["last_changes"]
+    card_changed = old is None or _card_content(old) != _card_content(card)
+    if card_changed:
+        write_card(out, card)
+    C.delete_replaced(out, groups)
+    up_to_date = not new_shards and not rejected_changed and not card_changed
     return IngestSummary(
         out=str(out),
         modality=modality,
@@ -232,7 +241,6 @@ def ingest(cfg: IngestConfig, progress: Callable[[int, int], None] | None = None
         rejected=by_reason,
         shards_written=len(new_shards),
         shards_total=len(stats),
-        seconds=round(time.perf_counter() - t0, 3),
         up_to_date=up_to_date,
         nodes=sorted(nodes),
         removed=changes.counts,
@@ -266,26 +274,31 @@ def _ingest_to_store(cfg: IngestConfig, progress) -> IngestSummary:
 
 
 def _run(
-    pending: list[Item],
+    pending: Iterator[Item],
+    total: int,
     params: N.Params,
     layout: N.Layout,
     cfg: IngestConfig,
     out: Path,
     nodes: set[str],
 ) -> Iterator:
-    """Yield (item, result) in input order, decoding and encoding on all cores (of a Ray
-    cluster if one is named, else of this machine); Ray node ids that did work go in `nodes`."""
+    """Yield (item, result) for the `total` `pending` inputs in their order, decoding and
+    encoding on all cores (of a Ray cluster if one is named, else of this machine); Ray node
+    ids that did work go in `nodes`. Inputs are read from `pending` only as far as the work in
+    flight."""
     from featx.cluster import address_from
 
-    if not pending:
+    if not total:
         return
     if address_from(cfg.ray_address):
         yield from _run_on_ray(pending, params, layout, address_from(cfg.ray_address), nodes)
         return
     workers = cfg.workers or os.cpu_count() or 1
-    workers = min(workers, max(1, len(pending) // 8))
-    args = [(it.path, it.text, it.source, it.label, it.split) for it in pending]
-    yield from zip(pending, decode(args, workers, params, layout, out), strict=True)
+    workers = min(workers, max(1, total // 8))
+    # the pool reads its arguments a window ahead of the results; tee holds the items between
+    ahead, items = tee(pending)
+    args = ((it.path, it.text, it.source, it.label, it.split) for it in ahead)
+    yield from zip(items, decode(args, total, workers, params, layout, out), strict=True)
 
 
 # Inputs per Ray task: enough to amortise a task's overhead (~1 ms), few enough to spread.
@@ -293,7 +306,7 @@ RAY_CHUNK = 16
 
 
 def _run_on_ray(
-    pending: list[Item], params: N.Params, layout: N.Layout, address: str, nodes: set[str]
+    pending: Iterator[Item], params: N.Params, layout: N.Layout, address: str, nodes: set[str]
 ) -> Iterator:
     """Decode on a Ray cluster: this process reads the inputs (they need not be visible to
     the nodes) and ships their bytes to one-CPU tasks, a bounded window at a time; results
@@ -324,11 +337,8 @@ def _run_on_ray(
         merged = iter(out)
         return [(it, raw if isinstance(raw, N.Rejected) else next(merged)) for it, raw in chunk]
 
-    for start in range(0, len(pending), RAY_CHUNK):
-        chunk = [
-            (it, N.read_input(it.path, it.text, params.max_input_bytes))
-            for it in pending[start : start + RAY_CHUNK]
-        ]
+    while items := list(islice(pending, RAY_CHUNK)):
+        chunk = [(it, N.read_input(it.path, it.text, params.max_input_bytes)) for it in items]
         ok = [(it, raw) for it, raw in chunk if not isinstance(raw, N.Rejected)]
         infos = [(it.source, it.label, it.split) for it, _ in ok]
         size = sum(len(raw) for _, raw in ok)
@@ -370,8 +380,11 @@ def _entry(item: Item, res: N.Normalised) -> dict:
     }
 
 
-def _finished(out: Path) -> list[dict]:
-    return [read_stats(p) for s in SPLITS for p in finished_shards(out, s)]
+def _keep_light(w: ShardWriter) -> None:
+    """Drop the per-sample entries of the shard `w` just finished from what it keeps (they are
+    on disk in its stats); a write or finish finishes one shard at most."""
+    if w.written:
+        w.written[-1] = light(w.written[-1])
 
 
 def _card_content(card: dict) -> dict:
@@ -380,11 +393,25 @@ def _card_content(card: dict) -> dict:
     return {k: v for k, v in card.items() if k not in skip}
 
 
-def _write_if_changed(path: Path, text: str) -> bool:
-    if path.exists() and path.read_text() == text:
+def _write_if_changed(path: Path, lines: Iterable[str]) -> bool:
+    """Write `lines` to `path` (atomically) unless it holds exactly them already; streamed
+    through a hidden temporary, so neither the old file nor the new text is held."""
+    new = hashlib.sha256()
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for line in lines:
+                    f.write(line)
+                    new.update(line.encode("utf-8"))
+            if path.exists() and sha256_file(path) == new.hexdigest():
+                raise _Unchanged
+    except _Unchanged:
         return False
-    atomic_write_text(path, text)
     return True
+
+
+class _Unchanged(Exception):
+    """The file holds the new text already: leaving `atomic_path` by it drops the temporary."""
 
 
 def _is_featx_output(out: Path) -> bool:

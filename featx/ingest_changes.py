@@ -15,53 +15,53 @@ after 1 finishes 3 when the next run starts (`recover`); before 1, nothing chang
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from featx.dataset import SPLITS, ShardWriter, read_stats, stats_path, tar_members
-from featx.sources import Item
+from featx.fsutil import sha256_file
+from featx.ingest_plan import Plan, light
 
 _INDEX = re.compile(r"shard-(\d+)\.tar$")
 
 
 @dataclass
 class Changes:
-    """Samples that leave the dataset this run, by shard (`split/shard-N.tar` -> keys)."""
+    """Samples that leave the dataset this run: how many, by shard and by why; their keys
+    stay in the plan (`keys`), read a shard at a time when it is rewritten."""
 
-    removed: dict[str, set[str]] = field(default_factory=dict)
+    leaving: dict[str, int] = field(default_factory=dict)  # `split/shard-N.tar` -> samples
     counts: dict[str, int] = field(default_factory=dict)  # deleted, relabelled, ... -> samples
-
-    def note(self, shard: str, key: str, why: str) -> None:
-        self.removed.setdefault(shard, set()).add(key)
-        self.counts[why] = self.counts.get(why, 0) + 1
-
-    def live(self, prior: list[dict]) -> list[dict]:
-        """`prior` stats without the entries that leave."""
-        out = []
-        for st in prior:
-            gone = self.removed.get(st["shard"], ())
-            out.append({**st, "entries": [e for e in st["entries"] if e["key"] not in gone]})
-        return out
+    keys: Callable[[str], set[str]] = lambda shard: set()  # shard -> the keys that leave it
 
 
-def find_changes(items: list[Item], prior: list[dict]) -> Changes:
+def find_changes(plan: Plan, prior: list[dict]) -> Changes:
     """Compare the inputs found now with the samples the finished shards hold."""
-    now = {it.source: it for it in items}
-    changes = Changes()
-    for st in prior:
-        for e in st["entries"]:
-            it = now.get(e["source"])
-            if it is None:
-                changes.note(st["shard"], e["key"], "deleted")
-            elif it.label != e["label"]:
-                changes.note(st["shard"], e["key"], "relabelled")
-            elif it.split is not None and it.split != st["split"]:
-                changes.note(st["shard"], e["key"], "moved to another split")
-            elif it.path is not None and (it.size, it.mtime_ns) != (e["size"], e["mtime_ns"]):
-                from featx.fsutil import sha256_file
+    split_of = {st["shard"]: st["split"] for st in prior}
+    changes = Changes(keys=plan.gone_keys)
 
-                if sha256_file(it.path) != e["sha256"]:
-                    changes.note(st["shard"], e["key"], "edited")
+    def gone():
+        for rid, shard, key, label, size, mtime_ns, sha256, it in plan.entries_with_inputs():
+            if it is None:
+                why = "deleted"
+            elif it.label != label:
+                why = "relabelled"
+            elif it.split is not None and it.split != split_of[shard]:
+                why = "moved to another split"
+            elif (
+                it.path is not None
+                and (it.size, it.mtime_ns) != (size, mtime_ns)
+                and sha256_file(it.path) != sha256
+            ):
+                why = "edited"
+            else:
+                continue
+            changes.leaving[shard] = changes.leaving.get(shard, 0) + 1
+            changes.counts[why] = changes.counts.get(why, 0) + 1
+            yield rid, shard, key
+
+    plan.leave(gone())
     return changes
 
 
@@ -102,10 +102,10 @@ def plan_rewrites(
         mine = [st for st in stats if st["split"] == split]
         small = [st for st in mine if st["samples"] < max_samples / 2]
         compact = len(small) >= 2 and (force or (compact_after and len(small) >= compact_after))
-        todo = [st for st in mine if st["shard"] in changes.removed or (compact and st in small)]
+        todo = [st for st in mine if st["shard"] in changes.leaving or (compact and st in small)]
         group, size = [], 0
         for st in todo:
-            n = st["samples"] - len(changes.removed.get(st["shard"], ()))
+            n = st["samples"] - changes.leaving.get(st["shard"], 0)
             if group and size + n > max_samples:
                 groups.append(group)
                 group, size = [], 0
@@ -118,16 +118,18 @@ def plan_rewrites(
 
 def rewrite(out: Path, group: list[dict], changes: Changes, index: int, extra: dict) -> dict | None:
     """Write the samples of `group` that stay into one new shard `index` of their split, its
-    stats naming the shards it replaces; returns its stats (None when no sample stays: the
-    group's shards are then simply deleted after the card)."""
+    stats naming the shards it replaces; returns its `light` stats (None when no sample stays:
+    the group's shards are then simply deleted after the card). Each shard's entries are read
+    from its stats file, one shard at a time."""
     split = group[0]["split"]
     names = [st["shard"] for st in group]
     writer = ShardWriter(out, split, index, 1 << 62, 1 << 62, {**extra, "replaces": names})
     try:
-        for st in group:
-            gone = changes.removed.get(st["shard"], set())
+        for name in names:
+            gone = changes.keys(name) if name in changes.leaving else set()
+            st = read_stats(out / name)
             by_key = {e["key"]: e for e in st["entries"]}
-            for key, members in _samples(out / st["shard"]):
+            for key, members in _samples(out / name):
                 if key not in gone:
                     writer.write(tar_members(key, members), by_key[key])
             for r in st.get("rejects", []):
@@ -136,7 +138,7 @@ def rewrite(out: Path, group: list[dict], changes: Changes, index: int, extra: d
     except BaseException:
         writer.abort()
         raise
-    return writer.written[0] if writer.written else None
+    return light(writer.written[0]) if writer.written else None
 
 
 def _samples(tar_path: Path):

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,41 +46,38 @@ class Reject:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-def discover(src: Path) -> tuple[list[Item], list[Reject], str]:
-    """All inputs under `src` sorted by source, what was refused, and the layout found."""
+def discover(src: Path) -> tuple[str, Iterator[Item | Reject]]:
+    """The layout of `src`, and its inputs and what was refused, yielded as they are found (in
+    walk or row order; the plan sorts them), so that no list of every input is held."""
     if src.is_file():
-        items, rejects = _manifest(src)
-        layout = "manifest"
-    else:
-        items, rejects, layout = _tree(src)
-    items.sort(key=lambda i: i.source)
-    rejects.sort(key=lambda r: r.source)
-    return items, rejects, layout
-
-
-def _tree(src: Path) -> tuple[list[Item], list[Reject], str]:
+        return "manifest", _manifest(src)
     root = os.path.realpath(src)
     top = sorted(os.scandir(root), key=lambda e: e.name)
     has_dirs = any(e.is_dir(follow_symlinks=False) and not e.name.startswith(".") for e in top)
     layout = "class-folders" if has_dirs else "flat"
-    items: list[Item] = []
-    rejects: list[Reject] = []
+    return layout, _tree(root, layout)
+
+
+def _tree(root: str, layout: str) -> Iterator[Item | Reject]:
+    errors: list[Reject] = []  # from os.walk's callback, yielded in the order they happened
 
     def walk_error(e: OSError) -> None:
-        rejects.append(Reject(_rel(e.filename, root), R.UNREADABLE, e.strerror or str(e)))
+        errors.append(Reject(_rel(e.filename, root), R.UNREADABLE, e.strerror or str(e)))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error, followlinks=False):
+        yield from errors
+        errors.clear()
         rel_dir = _rel(dirpath, root)
         keep = []
         for d in sorted(dirnames):
             full = os.path.join(dirpath, d)
             rel = _rel(full, root)
             if d.startswith("."):
-                rejects.append(Reject(rel, R.HIDDEN, "hidden folder skipped"))
+                yield Reject(rel, R.HIDDEN, "hidden folder skipped")
             elif os.path.islink(full):
                 target = os.path.realpath(full)
                 reason = R.SYMLINK_DIR if _inside(target, root) else R.SYMLINK_ESCAPE
-                rejects.append(Reject(rel, reason, f"points to {_show(target, root)}"))
+                yield Reject(rel, reason, f"points to {_show(target, root)}")
             else:
                 keep.append(d)
         dirnames[:] = keep
@@ -87,85 +85,81 @@ def _tree(src: Path) -> tuple[list[Item], list[Reject], str]:
             full = os.path.join(dirpath, name)
             rel = _rel(full, root)
             if name.startswith("."):
-                rejects.append(Reject(rel, R.HIDDEN, "hidden file skipped"))
+                yield Reject(rel, R.HIDDEN, "hidden file skipped")
                 continue
             if os.path.islink(full):
                 target = os.path.realpath(full)
                 if not _inside(target, root):
-                    rejects.append(
-                        Reject(rel, R.SYMLINK_ESCAPE, f"points to {_show(target, root)}")
-                    )
+                    yield Reject(rel, R.SYMLINK_ESCAPE, f"points to {_show(target, root)}")
                     continue
                 if not os.path.isfile(target):
-                    rejects.append(Reject(rel, R.BROKEN_SYMLINK, "target missing or a loop"))
+                    yield Reject(rel, R.BROKEN_SYMLINK, "target missing or a loop")
                     continue
                 full = target  # read the checked target itself, never through the link
             try:
                 st = os.stat(full)
             except OSError as e:
-                rejects.append(Reject(rel, R.UNREADABLE, e.strerror or str(e)))
+                yield Reject(rel, R.UNREADABLE, e.strerror or str(e))
                 continue
             if not _is_regular(st):
-                rejects.append(Reject(rel, R.UNSUPPORTED, "not a regular file"))
+                yield Reject(rel, R.UNSUPPORTED, "not a regular file")
                 continue
             label = None
             if layout == "class-folders":
                 if rel_dir == "":
-                    rejects.append(
-                        Reject(
-                            rel,
-                            R.OUTSIDE_CLASSES,
-                            "files must sit in SRC/<label>/",
-                            st.st_size,
-                            st.st_mtime_ns,
-                        )
-                    )
+                    detail = "files must sit in SRC/<label>/"
+                    yield Reject(rel, R.OUTSIDE_CLASSES, detail, st.st_size, st.st_mtime_ns)
                     continue
                 label = rel_dir.split("/")[0]
-            items.append(Item(rel, full, label, None, None, st.st_size, st.st_mtime_ns))
-    return items, rejects, layout
+            yield Item(rel, full, label, None, None, st.st_size, st.st_mtime_ns)
+    yield from errors
 
 
-def _manifest(path: Path) -> tuple[list[Item], list[Reject]]:
-    base = os.path.realpath(path.parent)
-    items: list[Item] = []
-    rejects: list[Reject] = []
+def _rows(path: Path) -> Iterator[tuple[int, dict] | Reject]:
+    """(line, row) of a manifest, or a Reject for a line that is no row."""
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [(i + 2, row) for i, row in enumerate(csv.DictReader(f))]
-    else:
-        rows = []
-        with open(path, encoding="utf-8-sig") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    rejects.append(Reject(f"{path.name}:{i}", R.BAD_ROW, f"invalid JSON: {e.msg}"))
-                    continue
-                if not isinstance(row, dict):
-                    rejects.append(Reject(f"{path.name}:{i}", R.BAD_ROW, "not a JSON object"))
-                    continue
-                rows.append((i, row))
-    unlabelled = [line for line, row in rows if _clean(row.get("label")) is None]
-    if unlabelled and len(unlabelled) < len(rows):
-        # Either every row has a label (classes) or none has (unlabelled data): a mix would
-        # train on some samples and crash, or silently drop the others.
-        lines = ", ".join(map(str, unlabelled[:10])) + (" ..." if len(unlabelled) > 10 else "")
-        raise ConfigError(
-            [
-                f"src: {len(unlabelled)} of {len(rows)} rows of {path.name} have no label "
-                f"(lines {lines}); label every row, or none"
-            ]
-        )
-    texts: dict[str, int] = {}  # inline text's source -> its first line
-    for line, row in rows:
+            for i, row in enumerate(csv.DictReader(f)):
+                yield i + 2, row
+        return
+    with open(path, encoding="utf-8-sig") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield Reject(f"{path.name}:{i}", R.BAD_ROW, f"invalid JSON: {e.msg}")
+                continue
+            if not isinstance(row, dict):
+                yield Reject(f"{path.name}:{i}", R.BAD_ROW, "not a JSON object")
+                continue
+            yield i, row
+
+
+def _manifest(path: Path) -> Iterator[Item | Reject]:
+    base = os.path.realpath(path.parent)
+    rows = 0
+    unlabelled: list[int] = []  # the first 10 lines without a label (shown in the error)
+    n_unlabelled = 0
+    # inline text already seen -> its first line, by the 64 bits of its hash that its source
+    # holds: a few dozen bytes per inline row, the one thing a manifest's reading keeps
+    texts: dict[int, int] = {}
+    for found in _rows(path):
+        if isinstance(found, Reject):
+            yield found
+            continue
+        line, row = found
+        rows += 1
         where = f"{path.name}:{line}"
         label = _clean(row.get("label"))
+        if label is None:
+            n_unlabelled += 1
+            if len(unlabelled) < 10:
+                unlabelled.append(line)
         split = _clean(row.get("split"))
         if split is not None and split not in SPLITS:
-            rejects.append(Reject(where, R.BAD_ROW, f"split {split!r} is not one of {SPLITS}"))
+            yield Reject(where, R.BAD_ROW, f"split {split!r} is not one of {SPLITS}")
             continue
         text, rel = row.get("text"), _clean(row.get("path"))
         if rel is None:
@@ -173,34 +167,44 @@ def _manifest(path: Path) -> tuple[list[Item], list[Reject]]:
                 # Keyed by content, not by line number: inserting or deleting a row above it
                 # leaves the text the same sample.
                 source = inline_source(path.name, text)
-                if source in texts:
-                    detail = f"{where}: the same text as line {texts[source]}"
-                    rejects.append(Reject(where, R.DUPLICATE, detail))
+                first = texts.setdefault(int(source[-16:], 16), line)
+                if first != line:
+                    detail = f"{where}: the same text as line {first}"
+                    yield Reject(where, R.DUPLICATE, detail)
                     continue
-                texts[source] = line
-                items.append(Item(source, None, label, split, text, len(text.encode()), 0))
+                yield Item(source, None, label, split, text, len(text.encode()), 0)
             else:
-                rejects.append(Reject(where, R.BAD_ROW, "needs a 'path' (or 'text' in JSONL)"))
+                yield Reject(where, R.BAD_ROW, "needs a 'path' (or 'text' in JSONL)")
             continue
         if "\x00" in rel:  # no file name holds one; os calls would raise ValueError
             shown = rel.replace("\x00", "\\x00")
-            rejects.append(Reject(shown, R.BAD_ROW, f"{where}: the path holds a NUL byte"))
+            yield Reject(shown, R.BAD_ROW, f"{where}: the path holds a NUL byte")
             continue
         full = os.path.realpath(os.path.join(base, rel))
         if os.path.isabs(rel) or not _inside(full, base):
-            rejects.append(Reject(rel, R.PATH_ESCAPE, f"{where}: paths must stay under {base}"))
+            yield Reject(rel, R.PATH_ESCAPE, f"{where}: paths must stay under {base}")
             continue
         try:
             st = os.stat(full)
         except OSError as e:
-            rejects.append(Reject(rel, R.MISSING, f"{where}: {e.strerror}"))
+            yield Reject(rel, R.MISSING, f"{where}: {e.strerror}")
             continue
         if not _is_regular(st):
-            rejects.append(Reject(rel, R.UNSUPPORTED, f"{where}: not a regular file"))
+            yield Reject(rel, R.UNSUPPORTED, f"{where}: not a regular file")
             continue
         source = _rel(full, base)
-        items.append(Item(source, full, label, split, None, st.st_size, st.st_mtime_ns))
-    return items, rejects
+        yield Item(source, full, label, split, None, st.st_size, st.st_mtime_ns)
+    if n_unlabelled and n_unlabelled < rows:
+        # Either every row has a label (classes) or none has (unlabelled data): a mix would
+        # train on some samples and crash, or silently drop the others. Raised once the
+        # manifest is read, before any input is decoded.
+        lines = ", ".join(map(str, unlabelled)) + (" ..." if n_unlabelled > 10 else "")
+        raise ConfigError(
+            [
+                f"src: {n_unlabelled} of {rows} rows of {path.name} have no label "
+                f"(lines {lines}); label every row, or none"
+            ]
+        )
 
 
 def inline_source(manifest: str, text: str) -> str:
@@ -227,8 +231,8 @@ def _inside(path: str, root: str) -> bool:
 
 
 def _rel(path: str, root: str) -> str:
-    rel = os.path.relpath(path, root)
-    rel = "" if rel == "." else Path(rel).as_posix()
+    rel = os.path.relpath(path, root)  # normalised already; no Path: it interns each part
+    rel = "" if rel == "." else rel.replace(os.sep, "/")
     # A file name need not be UTF-8 (Linux allows any bytes); show such bytes as \xNN so keys,
     # JSON and Parquet always get valid text. The file itself is read by its real path.
     return os.fsencode(rel).decode("utf-8", "backslashreplace")

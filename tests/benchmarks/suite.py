@@ -9,6 +9,8 @@ crash keeps what was measured). Data sizes 2x and 4x (cost growth) run in the fi
     python tests/benchmarks/suite.py                 # the full suite, ~35 min on 2 idle cores
     python tests/benchmarks/suite.py --quick         # tiny sizes, 1 repeat: checks the harness
     python tests/benchmarks/suite.py --stages ingest,extract --repeats 5
+    python tests/benchmarks/suite.py --stages ingest_memory --merge \
+        --ingest-memory-sizes 10000,100000,1000000   # one stage into the existing results
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from report import markdown, num, rate
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-STAGES = ("ingest", "train", "extract", "pipeline", "quality")
+STAGES = ("ingest", "ingest_memory", "train", "extract", "pipeline", "quality")
 
 # Per stage: script, arguments of the first repeat (with the cost-growth sizes) and of the
 # others, repeats, the estimate on 2 idle cores (seconds, whole stage with data generation;
@@ -49,6 +51,14 @@ PLANS = {
             "repeats": 3,
             "estimate_s": 130,
             "timeout_s": 900,
+        },
+        "ingest_memory": {
+            "script": "bench_ingest_memory.py",  # 1M inputs: --ingest-memory-sizes (~25 min)
+            "first": ["--sizes", "10000,100000"],
+            "rest": ["--sizes", "10000,100000"],
+            "repeats": 1,
+            "estimate_s": 200,
+            "timeout_s": 1800,
         },
         "train": {
             "script": "bench_train.py",
@@ -90,6 +100,14 @@ PLANS = {
             "script": "bench_ingest.py",
             "first": ["--n", "100", "--repeats", "1", "--scales", "1,2,4"],
             "rest": ["--n", "100", "--repeats", "1", "--scales", "1"],
+            "repeats": 1,
+            "estimate_s": 15,
+            "timeout_s": 300,
+        },
+        "ingest_memory": {
+            "script": "bench_ingest_memory.py",
+            "first": ["--sizes", "2000,4000"],
+            "rest": ["--sizes", "2000,4000"],
             "repeats": 1,
             "estimate_s": 15,
             "timeout_s": 300,
@@ -137,6 +155,7 @@ TARGETS = {
     "extract": 0.9,  # steady-state samples/s, featx / plain loop
     "memory_growth": 1.2,  # extract peak PSS at 4x data / at 1x: "flat"
     "startup_s": 20.0,
+    "ingest_memory_mb_at_1m": 1024,  # peak RSS of `featx ingest` over 1M small inputs
 }
 
 
@@ -340,6 +359,62 @@ def summarise_ingest(runs: list[dict]) -> dict:
     points["1x"]["seconds"] = statistics.median(n / r["featx_2_samples_per_s"] for r in runs)
     points["1x"]["peak_pss_mb"] = med(runs, "featx_2_peak_pss_mb")
     return {"rows": rows, "growth": growth_rows("ingest", points)}
+
+
+def summarise_ingest_memory(runs: list[dict]) -> dict:
+    """Peak RSS of `featx ingest` (its process tree) against the number of inputs; flat is
+    the goal, under 1 GB at 1M. One run: the sizes are its points."""
+    r = runs[0]
+    points, m = r["points"], r["machine"]
+    small, large = points[0], points[-1]
+    where = f"measured {m['date'][:10]} on {m['cpu_model']}, {m['cores']} cores"
+    sizes = " -> ".join(_count(p["inputs"]) for p in points)
+    growth = large["peak_rss_mb"] / small["peak_rss_mb"]
+    target = TARGETS["ingest_memory_mb_at_1m"]
+    at_1m = next((p for p in points if p["inputs"] == 1_000_000), None)
+    rows = [
+        row(
+            "ingest memory",
+            f"peak RSS (MB) of `featx ingest` (CLI + {r['workers']} decode processes, summed), "
+            f"{sizes} tiny text files; ratio: growth over the sizes",
+            "-",
+            " -> ".join(f"{p['peak_rss_mb']:.0f}" for p in points),
+            growth,
+            f"< {target} MB at 1M",
+            at_1m["peak_rss_mb"] < target if at_1m else None,
+            note=where
+            + ("" if at_1m else "; 1M not run (--ingest-memory-sizes ...,1000000)")
+            + "; largest single process "
+            + " -> ".join(f"{p['max_process_rss_mb']:.0f}" for p in points),
+        ),
+        row(
+            "ingest memory",
+            f"inputs/s of the same runs ({sizes}); re-run of the same command (nothing new) s",
+            "-",
+            " -> ".join(f"{p['inputs_per_s']:.0f}/s" for p in points),
+            note="re-runs "
+            + ", ".join(f"{p['rerun']['seconds']:.0f} s" for p in points if "rerun" in p),
+        ),
+    ]
+    growth_rows_ = [
+        {
+            "stage": "ingest memory",
+            "scale": _count(p["inputs"]),
+            "samples": p["samples"],
+            "seconds": p["seconds"],
+            "time_vs_1x": round(p["seconds"] / small["seconds"], 2),
+            "peak_pss_mb": p["peak_pss_mb"],
+            "memory_vs_1x": round(p["peak_pss_mb"] / small["peak_pss_mb"], 2),
+            "note": f"tiny text files; 1x = {_count(small['inputs'])}; peak RSS "
+            f"{p['peak_rss_mb']:.0f} MB",
+        }
+        for p in points
+    ]
+    return {"rows": rows, "growth": growth_rows_}
+
+
+def _count(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k"
 
 
 def summarise_train(runs: list[dict]) -> dict:
@@ -564,11 +639,29 @@ def summarise_quality(runs: list[dict]) -> dict:
 
 SUMMARISE = {
     "ingest": summarise_ingest,
+    "ingest_memory": summarise_ingest_memory,
     "train": summarise_train,
     "extract": summarise_extract,
     "pipeline": summarise_pipeline,
     "quality": summarise_quality,
 }
+
+
+HEADER = ("machine", "mode", "command", "status", "elapsed_s")
+
+
+def with_header(res: dict, kept: dict | None, stages: list[str]) -> dict:
+    """Under --merge, what is saved keeps the results file's own header (machine, command,
+    status, time), and lists this run (its stages, machine, command) under `merged`."""
+    if kept is None:
+        return res
+    this = {k: res.get(k) for k in HEADER} | {"stages": stages}
+    return {
+        **res,
+        **{k: kept[k] for k in HEADER if k in kept},
+        "stages": {k: res["stages"][k] for k in STAGES if k in res["stages"]},
+        "merged": [*kept.get("merged", []), this],
+    }
 
 
 def save(res: dict, out_dir: Path) -> None:
@@ -601,6 +694,17 @@ def main() -> int:
         help="featx loaders the first train run measures, e.g. shards,ray (+35 s on 2 cores); "
         "the first is the headline",
     )
+    ap.add_argument(
+        "--ingest-memory-sizes",
+        help="Input counts of the ingest_memory stage, e.g. 10000,100000,1000000 (1M: ~25 min "
+        "on 2 cores); default 10000,100000 (quick: 2000,4000)",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="Keep the other stages of the results.json in --out and replace only the stages "
+        "run now (each row then says when and where it was measured, if it differs)",
+    )
     args = ap.parse_args()
     mode = "quick" if args.quick else "full"
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -618,6 +722,11 @@ def main() -> int:
         first[first.index("--loaders") + 1] = args.train_loaders
         rest = plans["train"]["rest"] = list(plans["train"]["rest"])
         rest[rest.index("--loaders") + 1] = args.train_loaders.split(",")[0]
+    if "ingest_memory" in plans and args.ingest_memory_sizes:
+        plan = plans["ingest_memory"]
+        plan["first"] = plan["rest"] = ["--sizes", args.ingest_memory_sizes]
+        if "1000000" in args.ingest_memory_sizes.split(","):
+            plan["estimate_s"], plan["timeout_s"] = 1700, 5400
     for p in plans.values():
         if args.repeats:
             p["estimate_s"] = round(p["estimate_s"] * _repeat_factor(p, args.repeats))
@@ -631,6 +740,10 @@ def main() -> int:
         "targets": TARGETS,
         "stages": {},
     }
+    kept = None  # under --merge: the results file this run's stages go into
+    if args.merge and (args.out / "results.json").exists():
+        kept = json.loads((args.out / "results.json").read_text())
+        res["stages"] = {k: v for k, v in kept["stages"].items() if k not in stages}
     total_est = sum(p["estimate_s"] for p in plans.values())
     m = res["machine"]
     print(
@@ -667,7 +780,7 @@ def main() -> int:
                     st["elapsed_s"] = round(time.perf_counter() - t0, 1)
                     done = f"run {r + 1}/{plan['repeats']} done in {result['_seconds']:.0f} s"
                     print(f"[{name}] {done}", flush=True)
-                    save(res, args.out)
+                    save(with_header(res, kept, stages), args.out)
                 st["summary"] = SUMMARISE[name](st["runs"])
                 st["status"] = "done"
             except Exception as e:  # keep what was measured, go on with the next stage
@@ -686,19 +799,20 @@ def main() -> int:
                 flush=True,
             )
             res["elapsed_s"] = round(time.perf_counter() - t_suite, 1)
-            save(res, args.out)
+            save(with_header(res, kept, stages), args.out)
         res["status"] = "failed stage(s)" if failed else "complete"
     except KeyboardInterrupt:
         res["status"] = "interrupted"
         failed = True
     finally:
         res["elapsed_s"] = round(time.perf_counter() - t_suite, 1)
-        save(res, args.out)
+        shown = with_header(res, kept, stages)
+        save(shown, args.out)
         if failed or args.keep_workdir or args.workdir:
             print(f"data and logs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n" + markdown(res))
+    print("\n" + markdown(shown))
     print(
         f"\n{res['status']} in {res['elapsed_s'] / 60:.1f} min; wrote "
         f"{args.out / 'results.json'} and {args.out / 'results.md'}"
