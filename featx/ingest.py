@@ -259,12 +259,16 @@ def _ingest_to_store(cfg: IngestConfig, progress) -> IngestSummary:
     cfg.check_paths()
     fs, root = storage.filesystem(uri)
     top = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    names = {i.base_name for i in top}
+    # featx's own bookkeeping (another writer's lock, the push listing) is not "objects"
+    names = {i.base_name for i in top} - {storage.LISTING}
+    names = {n for n in names if not n.startswith(".")}
     if names and not names & {CARD, *SPLITS}:
         raise ConfigError([f"out: {storage.display(uri)} holds objects but no featx shards"])
     last = ("*/*_stats.json", TOKENIZER, REJECTED, CARD)
     markers = (CARD, *SPLITS)
-    with storage.staged_output(uri, last=last, overwrite=cfg.overwrite, markers=markers) as local:
+    with storage.staged_output(
+        uri, last=last, overwrite=cfg.overwrite, markers=markers, what="ingest"
+    ) as local:
         summary = ingest(cfg.model_copy(update={"out": local, "overwrite": False}), progress)
     summary.out = storage.display(uri)
     return summary

@@ -594,6 +594,18 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_prefix(s3, monkeyp
         assert (local / "a.txt").read_text() == "one"
 
 
+def test_a_first_ingest_into_a_prefix_another_writer_holds_names_the_holder(s3, tmp_path):
+    """The lock object (and a push's listing) are featx's bookkeeping, not foreign objects: a
+    second first ingest into a new prefix is refused by the lock, naming who holds it."""
+    src = text_source(tmp_path / "src", n=4)
+    uri = f"s3://{BUCKET}/first"
+    with storage.staged_output(uri, what="ingest"), pytest.raises(ConfigError) as refused:
+        ingest(IngestConfig.parse(src=src, out=uri, workers=1))
+    assert "is being written by featx ingest" in str(refused.value)
+    ingest(IngestConfig.parse(src=src, out=uri, workers=1))  # once released, it goes in
+    assert load_card(uri)["counts"]["train"]["total"] > 0
+
+
 def test_an_expired_lease_is_taken_over_by_one_writer_only(s3, monkeypatch, caplog):
     """A writer that died without releasing (elsewhere) holds the prefix until its lease
     lapses by the store's clock; then one writer takes it over, conditional on the lock it
