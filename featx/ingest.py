@@ -45,6 +45,7 @@ from featx.decode_pool import decode
 from featx.errors import ConfigError
 from featx.fsutil import atomic_path, exclusive, sha256_file
 from featx.ingest_plan import (
+    BATCH,
     Plan,
     as_os_error,
     check_compatible,
@@ -140,26 +141,25 @@ def _ingest(cfg: IngestConfig, out: Path, plan: Plan, progress) -> IngestSummary
     try:
         sample_layout = N.Layout(modality, classes, cfg.val_fraction, cfg.test_fraction)
         runs = _run(plan.todo(), total, params, sample_layout, cfg, out, nodes)
-        for i, (item, res) in enumerate(runs):
-            if isinstance(res, N.Normalised) and (dup := plan.duplicate_of(res.payload_sha256)):
-                res = N.Rejected(R.DUPLICATE, f"duplicate of {dup}", res.sha256)
+        rejects: list[Reject] = []  # this run's, into the plan a batch at a time
+        for i, (item, res) in enumerate(_dedup(runs, plan)):
             if isinstance(res, N.Rejected):
                 reject = Reject(
                     item.source, res.reason, res.detail, item.size, item.mtime_ns, res.sha256
                 )
-                plan.add_rejects([reject])
+                rejects.append(reject)
+                if len(rejects) >= BATCH:
+                    plan.add_rejects(rejects)
                 w = writers[split_of(item.source, cfg.val_fraction, cfg.test_fraction)]
                 w.note_reject(reject.record())
             else:
                 w = writers[res.split]
                 w.write(res.tar, _entry(item, res))
-                plan.keep(res.payload_sha256, res.key)
                 ingested += 1
             _keep_light(w)
-            if i % 4096 == 4095:
-                plan.commit()
             if progress:
                 progress(i + 1, total)
+        plan.add_rejects(rejects)
         for w in writers.values():
             w.finish()
             _keep_light(w)
@@ -188,7 +188,6 @@ def _ingest(cfg: IngestConfig, out: Path, plan: Plan, progress) -> IngestSummary
         (st for st in finished if st["shard"] not in replaced),
         key=lambda st: (SPLITS.index(st["split"]), st["shard"]),
     )
-    plan.commit()
     rejected_changed = _write_if_changed(out / REJECTED, plan.reject_lines())
     # The card on disk may lag the shards: a run killed after its shards and before its
     # card. So it is rebuilt from the shards every run and rewritten when it differs.
@@ -275,6 +274,25 @@ def _ingest_to_store(cfg: IngestConfig, progress) -> IngestSummary:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _dedup(runs: Iterator, plan: Plan, batch: int = 64) -> Iterator:
+    """(item, result) in order, with a result whose normalised payload a kept sample has (in
+    a finished shard, or earlier in this run) turned into a `duplicate` reject. The plan is
+    asked once per `batch` results, not once per result (a query costs ~10 us)."""
+    for chunk in iter(lambda: list(islice(runs, batch)), []):
+        ok = [res for _, res in chunk if isinstance(res, N.Normalised)]
+        kept = plan.kept([res.payload_sha256 for res in ok]) if ok else {}
+        new = []
+        for item, res in chunk:
+            if isinstance(res, N.Normalised):
+                if (dup := kept.get(res.payload_sha256)) is not None:
+                    res = N.Rejected(R.DUPLICATE, f"duplicate of {dup}", res.sha256)
+                else:
+                    kept[res.payload_sha256] = res.key
+                    new.append((res.payload_sha256, res.key))
+            yield item, res
+        plan.keep(new)
 
 
 def _run(

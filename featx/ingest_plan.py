@@ -229,15 +229,15 @@ class Plan:
         )
         rejects.clear()
 
-    def duplicate_of(self, digest: str) -> str | None:
-        """The key of the sample already kept whose payload has this hash, if any."""
-        row = self.db.execute("SELECT key FROM seen WHERE dedup = ?", (digest,)).fetchone()
-        return row and row[0]
+    def kept(self, digests: list[str]) -> dict[str, str]:
+        """The keys of the samples already kept whose payloads have these hashes."""
+        marks = ", ".join("?" * len(digests))
+        cur = self.db.execute(f"SELECT dedup, key FROM seen WHERE dedup IN ({marks})", digests)
+        return dict(cur.fetchall())
 
-    def keep(self, digest: str, key: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", (digest, key))
-
-    def commit(self) -> None:
+    def keep(self, samples: list[tuple[str, str]]) -> None:
+        """Record kept samples: (payload hash, key)."""
+        self.db.executemany("INSERT OR REPLACE INTO seen VALUES (?, ?)", samples)
         self.db.commit()
 
     def reject_lines(self) -> Iterator[str]:

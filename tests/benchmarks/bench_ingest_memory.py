@@ -89,6 +89,9 @@ def run_ingest(src: Path, out: Path, workers: int, log: Path) -> dict:
         "peak_pss_mb": mem.peak_pss_mb,
         # Linux reports ru_maxrss in KiB: the largest single process of the tree
         "max_process_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        # CPU of the CLI and of the processes it waited for (its decode pool's, through the
+        # forkserver): what the run cost, less sensitive than wall time to a busy machine
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "memory_samples": mem.samples,
     }
 
