@@ -2,19 +2,24 @@
 
 For each corpus (`corpora.py`: built from what installed packages ship, nothing downloaded) the
 script ingests it as a user would (`featx ingest SRC DS --val-fraction 0.2`), then for each
-family trains with featx's defaults (`featx train DS --out RUN --model F`: 2 workers, early
-stopping), extracts, and probes: a standardised logistic regression on the train rows, scored
-on val, for the trained features, the same architecture with random weights, the classic
-features of the same samples (raw pixels, tf-idf, log-mel statistics) and the majority class.
-All stages run in this process on one local Ray, as `featx pipeline` runs them.
+family and objective trains with featx's defaults (`featx train DS --out RUN --model F
+--objective O`: 2 workers, early stopping), extracts, and probes: a standardised logistic
+regression on the train rows, scored on val, for the trained features, the same architecture
+with random weights, the classic features of the same samples (raw pixels, tf-idf, log-mel
+statistics) and the majority class. The labels stay in the shards: `contrastive` training
+ignores them and only the probe reads them. The baselines do not depend on the objective, so
+they are probed once per corpus x family. All stages run in this process on one local Ray, as
+`featx pipeline` runs them.
 
 Usage: python tests/benchmarks/bench_quality.py [--corpora digits,docstrings,...]
-    [--models cnn,rnn,attention] [--workdir DIR] [--json F] [--epochs N]
+    [--models cnn,rnn,attention] [--objectives supervised,contrastive] [--workdir DIR]
+    [--json F] [--epochs N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -23,30 +28,37 @@ from pathlib import Path
 import corpora
 from benchlib import emit
 
+OBJECTIVES = ("supervised", "contrastive", "supcon")
 
-def run_one(ds: Path, work: Path, model: str, epochs: int | None) -> dict:
+
+def run_one(
+    ds: Path, work: Path, model: str, objective: str, epochs: int | None, baselines: bool
+) -> dict:
+    """Train one family with one objective, extract and probe; the baselines only if asked."""
     from featx.config import ExtractConfig, ProbeConfig
+    from featx.dataset import load_card
     from featx.extract import extract
     from featx.probe import probe
     from featx.train import TrainConfig, train
 
+    load_start = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
-    values = {"dataset": ds, "out": work / f"run-{model}", "model": model}
+    name = model if objective == "supervised" else f"{model}-{objective}"
+    values = {"dataset": ds, "out": work / f"run-{name}", "model": model, "objective": objective}
     if epochs:
         values["epochs"] = epochs
-    from featx.dataset import load_card
-
     cfg = TrainConfig.parse(**values)
     cfg.check_paths()
     resolved = cfg.resolve(load_card(ds))  # what the defaults become for this data
     trained = train(cfg)
     t_train = time.perf_counter() - t0
-    feats = work / f"features-{model}"
+    feats = work / f"features-{name}"
     extract(ExtractConfig.parse(dataset=ds, checkpoint=cfg.out, out=feats))
     t_extract = time.perf_counter() - t0 - t_train
-    p = probe(ProbeConfig.parse(features=feats))
+    p = probe(ProbeConfig.parse(features=feats, baseline=baselines, classic=baselines))
+    last = trained.metrics[-1] if trained.metrics else {}
     return {
-        "model": model,
+        "objective": objective,
         "trained": p.accuracy,
         "random_init": p.baseline_accuracy,
         "classic": p.classic_accuracy,
@@ -56,26 +68,58 @@ def run_one(ds: Path, work: Path, model: str, epochs: int | None) -> dict:
         "max_epochs": resolved.epochs,
         "batch_size": resolved.batch_size,
         "best_val_accuracy": trained.best_val_accuracy,
+        # contrastive runs: the label-free monitors of the last epoch (absent for supervised)
+        **{k: last[k] for k in ("effective_rank", "uniformity", "knn_accuracy") if k in last},
         "train_s": round(t_train, 1),
         "extract_s": round(t_extract, 1),
         "probe_s": round(time.perf_counter() - t0 - t_train - t_extract, 1),
-        "beats_both": p.accuracy > max(p.baseline_accuracy or 0, p.classic_accuracy or 0),
+        "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
     }
 
 
+def merge(runs: list[dict]) -> dict:
+    """One corpus x family row from its runs (one per objective); the first run probed the
+    baselines. The top-level `trained`, `epochs`, `train_s` and `beats_both` are the first
+    objective's, so a reader of the older one-objective rows reads them unchanged."""
+    first = runs[0]
+    base = {k: first[k] for k in ("random_init", "classic", "classic_features", "majority")}
+    best = max(base["random_init"] or 0, base["classic"] or 0)
+    by_objective = {}
+    for r in runs:
+        o = {k: v for k, v in r.items() if k not in base and k != "objective"}
+        o["beats_both"] = r["trained"] > best
+        by_objective[r["objective"]] = o
+    row = {**base, "objectives": by_objective}
+    row.update({k: first[k] for k in ("trained", "epochs", "max_epochs", "train_s")})
+    row["objective"] = first["objective"]
+    row["beats_both"] = by_objective[first["objective"]]["beats_both"]
+    if "supervised" in by_objective and "contrastive" in by_objective:
+        gap = by_objective["supervised"]["trained"] - by_objective["contrastive"]["trained"]
+        row["supervised_minus_contrastive"] = round(gap, 4)
+    return row
+
+
 def table(rows: list[dict]) -> str:
+    objectives = list(rows[0]["objectives"]) if rows else ["supervised"]
+    cols = " | ".join(objectives)
     head = (
-        "| corpus | samples | family | trained | random init | classic | majority | epochs "
-        "| train s |\n| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        f"| corpus | samples | family | {cols} | random init | classic | majority | epochs "
+        f"| train s |\n| --- | ---: | --- | {'---: | ' * len(objectives)}---: | ---: | ---: "
+        "| ---: | ---: |"
     )
     lines = [head]
     for r in rows:
-        best = max(r["random_init"] or 0, r["classic"] or 0)
-        mark = "**" if r["trained"] > best else ""
+        runs = [r["objectives"][o] for o in objectives]
+        # bold: the features beat both baselines
+        acc = " | ".join(
+            f"**{o['trained']:.3f}**" if o["beats_both"] else f"{o['trained']:.3f}" for o in runs
+        )
+        epochs = " / ".join(f"{o['epochs']}/{o['max_epochs']}" for o in runs)
+        secs = " / ".join(f"{o['train_s']:.0f}" for o in runs)
         lines.append(
-            f"| {r['corpus']} | {r['samples']} | {r['model']} | {mark}{r['trained']:.3f}{mark} "
+            f"| {r['corpus']} | {r['samples']} | {r['model']} | {acc} "
             f"| {r['random_init']:.3f} | {r['classic']:.3f} ({r['classic_features']}) "
-            f"| {r['majority']:.3f} | {r['epochs']}/{r['max_epochs']} | {r['train_s']:.0f} |"
+            f"| {r['majority']:.3f} | {epochs} | {secs} |"
         )
     return "\n".join(lines)
 
@@ -84,6 +128,12 @@ def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--corpora", default=",".join(corpora.CORPORA))
     ap.add_argument("--models", default="cnn,rnn,attention")
+    ap.add_argument(
+        "--objectives",
+        default="supervised",
+        help="training objectives per corpus x family, comma-separated (supervised, "
+        "contrastive, supcon); the table has one accuracy column per objective",
+    )
     ap.add_argument("--epochs", type=int, help="most epochs (default: featx train's default)")
     ap.add_argument("--workdir", type=Path, help="keep corpora, datasets and runs here")
     ap.add_argument("--json", type=Path, help="also write the result to this file")
@@ -92,6 +142,10 @@ def main() -> dict:
     unknown = sorted(set(names) - set(corpora.CORPORA))
     if unknown:
         ap.error(f"unknown corpus {', '.join(unknown)}; known: {', '.join(corpora.CORPORA)}")
+    objectives = [o for o in args.objectives.split(",") if o]
+    bad = sorted(set(objectives) - set(OBJECTIVES)) or (not objectives and ["(none)"])
+    if bad:
+        ap.error(f"unknown objective {', '.join(bad)}; known: {', '.join(OBJECTIVES)}")
 
     import ray
 
@@ -114,8 +168,17 @@ def main() -> dict:
             if not (ds / "dataset.json").exists():
                 ingest(IngestConfig.parse(src=work / "corpora" / name, out=ds, val_fraction=0.2))
             for model in args.models.split(","):
-                r = run_one(ds, work / "runs" / name, model, args.epochs)
-                r.update(corpus=name, modality=corpora.MODALITY[name], samples=info["samples"])
+                runs = [
+                    run_one(ds, work / "runs" / name, model, o, args.epochs, baselines=i == 0)
+                    for i, o in enumerate(objectives)
+                ]
+                r = merge(runs)
+                r.update(
+                    corpus=name,
+                    modality=corpora.MODALITY[name],
+                    samples=info["samples"],
+                    model=model,
+                )
                 rows.append(r)
                 print(table([r]).splitlines()[-1], flush=True)
     finally:
@@ -124,9 +187,13 @@ def main() -> dict:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
     result = {
+        "objectives": objectives,
         "rows": rows,
         "skipped": skipped,
         "beats_both": sum(r["beats_both"] for r in rows),
+        "beats_both_by_objective": {
+            o: sum(r["objectives"][o]["beats_both"] for r in rows) for o in objectives
+        },
         "runs": len(rows),
         "seconds": round(time.perf_counter() - t0, 1),
         "table": table(rows),

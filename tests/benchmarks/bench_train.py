@@ -8,8 +8,12 @@ split by watching RUN_DIR for checkpoints: Ray start-up (`ray.init`), Ray Train 
 the first checkpoint, less epoch 1's training), per-epoch validation + checkpoint, and the tail
 (publishing `best/`, the curves, stopping the workers). Each featx run starts its own Ray and
 stops it. Peak memory is the PSS of the process tree (driver, Ray daemons, workers).
+With `--objective contrastive` both sides do SimCLR's work per sample: two augmented views
+through the model and the projection head (`featx.contrastive.ContrastiveNet`) and NT-Xent over
+the global batch, in one process for the plain loop and over both ranks' views for featx.
 Usage: python tests/benchmarks/bench_train.py [--per-class 400] [--epochs 4] [--model cnn]
-    [--loaders shards,ray] [--scales 1] [--workdir DIR] [--json F]
+    [--objective supervised|contrastive] [--loaders shards,ray] [--scales 1] [--workdir DIR]
+    [--json F]
 """
 
 from __future__ import annotations
@@ -50,7 +54,14 @@ def make_dataset(tmp: Path, per_class: int) -> Path:
     return out
 
 
-def plain_loop(dataset: Path, model_name: str, batch: int, epochs: int) -> list[float]:
+def plain_loop(
+    dataset: Path,
+    model_name: str,
+    batch: int,
+    epochs: int,
+    objective: str = "supervised",
+    threads: int | None = None,
+) -> list[float]:
     """Samples/s per epoch of the simplest correct loop: read, decode, collate, step."""
     import torch
     import torch.nn.functional as F
@@ -60,13 +71,22 @@ def plain_loop(dataset: Path, model_name: str, batch: int, epochs: int) -> list[
     from featx.dataset import decode_sample, load_card
     from featx.models import create_model
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     card = load_card(dataset)
     urls = [str(dataset / s["shard"]) for s in card["shards"] if s["split"] == "train"]
     torch.manual_seed(0)
     model = create_model(model_name, "image", len(card["classes"]))
+    if objective == "contrastive":
+        from featx.config import TrainConfig
+        from featx.contrastive import ContrastiveNet
+
+        model = ContrastiveNet(model)
+        step = _contrastive_step(batch, TrainConfig.model_fields["temperature"].default)
+        collate = make_collate("image", augment=True, seed=0, views=2)
+    else:
+        step = _step
+        collate = make_collate("image", augment=True, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    collate = make_collate("image", augment=True, seed=0)
     rates = []
     for _ in range(epochs):
         t0, n = time.perf_counter(), 0
@@ -75,10 +95,10 @@ def plain_loop(dataset: Path, model_name: str, batch: int, epochs: int) -> list[
         for s in loader:
             samples.append(s)
             if len(samples) == batch:
-                n += _step(model, opt, collate(samples), F)
+                n += step(model, opt, collate(samples), F)
                 samples = []
         if samples:
-            n += _step(model, opt, collate(samples), F)
+            n += step(model, opt, collate(samples), F)
         rates.append(n / (time.perf_counter() - t0))
     return rates
 
@@ -89,6 +109,27 @@ def _step(model, opt, b, F) -> int:
     loss.backward()
     opt.step()
     return len(b["keys"])
+
+
+def _contrastive_step(batch: int, temperature: float):
+    """One process's NT-Xent step: `x` holds both views (view 1 first) of up to `batch`
+    samples, padded to the global batch as featx pads each rank's share."""
+    import torch
+
+    from featx.contrastive import nt_xent, pad_views
+
+    def step(model, opt, b, F) -> int:
+        n = b["x"].shape[0] // 2
+        z = pad_views(model(b["x"], b["lengths"]), n, batch)
+        valid = torch.zeros(2 * batch, dtype=torch.bool)
+        valid[:n] = valid[batch : batch + n] = True
+        loss = nt_xent(z, valid, temperature)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return len(b["keys"])
+
+    return step
 
 
 class CheckpointWatch:
@@ -116,7 +157,14 @@ class CheckpointWatch:
 
 
 def featx_train(
-    dataset: Path, run: Path, model: str, batch: int, epochs: int, workers: int, loader: str
+    dataset: Path,
+    run: Path,
+    model: str,
+    batch: int,
+    epochs: int,
+    workers: int,
+    loader: str,
+    objective: str = "supervised",
 ) -> dict:
     import ray
 
@@ -137,6 +185,7 @@ def featx_train(
                 epochs=epochs,
                 batch_size=batch // workers,
                 loader=loader,
+                objective=objective,
             )
             r = train(cfg)
             t_done = time.perf_counter()
@@ -179,7 +228,20 @@ def main() -> dict:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64, help="global batch size")
     ap.add_argument("--model", default="cnn")
+    ap.add_argument(
+        "--objective",
+        choices=("supervised", "contrastive"),
+        default="supervised",
+        help="what both sides train: cross-entropy, or NT-Xent on two views per sample",
+    )
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--baseline-threads",
+        type=int,
+        help="torch threads of the plain loop (default: every core). On a machine other work "
+        "keeps busy, torch's threads wait for each other at every op and the loop slows by "
+        "3-6x; 1 thread then shows what one process really gets",
+    )
     ap.add_argument(
         "--loaders",
         default="shards,ray",
@@ -197,16 +259,25 @@ def main() -> dict:
     if args.epochs < 2:
         ap.error("--epochs must be at least 2: steady state is measured after the first epoch")
     scales = sorted({int(s) for s in args.scales.split(",")} | {1})
+    load_start = [round(x, 2) for x in os.getloadavg()]  # other work on the machine
     tmp = Path(tempfile.mkdtemp(prefix="featx-bench-train-"))
     work = args.workdir or tmp
     work.mkdir(parents=True, exist_ok=True)
     try:
         datasets = {k: make_dataset(work, args.per_class * k) for k in scales}
         dataset = datasets[1]
+        plain_args = (
+            dataset,
+            args.model,
+            args.batch,
+            args.epochs,
+            args.objective,
+            args.baseline_threads,
+        )
         # The plain loop runs before and after featx and its steady state is the median over
         # both, so a load that drifts during the run weighs on both sides alike.
         with TreeMemory(tree=False) as base_mem:
-            base = plain_loop(dataset, args.model, args.batch, args.epochs)
+            base = plain_loop(*plain_args)
         loaders = {}
         for loader in args.loaders.split(","):
             run = featx_train(
@@ -217,6 +288,7 @@ def main() -> dict:
                 args.epochs,
                 args.workers,
                 loader,
+                args.objective,
             )
             ss = statistics.median(run["rates"][1:])
             loaders[loader] = {
@@ -224,7 +296,7 @@ def main() -> dict:
                 **{k: round(v, 2) for k, v in run.items() if k != "rates"},
                 "per_epoch": [round(r, 1) for r in run["rates"]],
             }
-        base_after = plain_loop(dataset, args.model, args.batch, args.epochs)
+        base_after = plain_loop(*plain_args)
         base_ss = statistics.median(base[1:] + base_after[1:])
         for lo in loaders.values():
             lo["ratio"] = round(lo["samples_per_s"] / base_ss, 3)
@@ -240,6 +312,7 @@ def main() -> dict:
                 args.epochs,
                 args.workers,
                 main_loader,
+                args.objective,
             )
             growth[k] = {
                 "samples_per_s": round(statistics.median(run["rates"][1:]), 1),
@@ -248,12 +321,14 @@ def main() -> dict:
         result = {
             "stage": "train",
             "model": args.model,
+            "objective": args.objective,
             "train_samples": _count(dataset),
             "epochs": args.epochs,
             "cores": os.cpu_count(),
             "workers": args.workers,
             "global_batch": args.batch,
             "baseline_samples_per_s": round(base_ss, 1),
+            "baseline_threads": args.baseline_threads or os.cpu_count(),
             "loader": main_loader,
             "featx_samples_per_s": head["samples_per_s"],
             "ratio": head["ratio"],
@@ -265,6 +340,7 @@ def main() -> dict:
             "baseline_peak_pss_mb": base_mem.peak_pss_mb,
             "baseline_per_epoch": [round(r, 1) for r in base],
             "baseline_after_per_epoch": [round(r, 1) for r in base_after],
+            "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
             "loaders": loaders,
             # Cost growth of featx (headline loader): wall seconds and peak PSS per data size.
             "scales": {
