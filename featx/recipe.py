@@ -65,16 +65,28 @@ def best_epoch(history: list[dict], metric: str = "val_loss") -> int | None:
     return min(scored)[1] if scored else None
 
 
-def should_stop(history: list[dict], patience: int, metric: str = "val_loss") -> bool:
-    """Early stopping: `patience` epochs have passed without a new best `metric`.
+def should_stop(
+    history: list[dict], patience: int, metric: str = "val_loss", min_epochs: int = 0
+) -> bool:
+    """Early stopping: `patience` epochs have passed without a new best `metric`, and at least
+    `min_epochs` have run (`earliest_stop`).
 
     0 turns it off, and so does a history without the metric (no val split): the run then
     trains every epoch it was given.
     """
-    if patience <= 0 or not history:
+    if patience <= 0 or not history or history[-1]["epoch"] < min_epochs:
         return False
     best = best_epoch(history, metric)
     return best is not None and history[-1]["epoch"] - best >= patience
+
+
+def earliest_stop(objective: str, epochs: int) -> int:
+    """The first epoch early stopping may end a run at. A contrastive val loss is a noisy
+    proxy (one batch of fixed views on a small val split), and it stopped runs while the
+    schedule was still near its peak rate: on spoken digits the cnn's contrastive features
+    probed 0.854 stopped at epoch 24 of 100, 0.944 trained to the end (supervised: 0.978).
+    So contrastive runs train at least half their epochs; supervised ones may stop at once."""
+    return epochs // 2 if objective != "supervised" else 0
 
 
 # Small datasets need small batches: what a model learns depends on the optimizer steps it

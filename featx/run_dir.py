@@ -58,12 +58,12 @@ def latest_state(out: Path) -> dict | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def finished(meta: dict, epochs: int, patience: int) -> bool:
+def finished(meta: dict, epochs: int, patience: int, min_epochs: int = 0) -> bool:
     """A checkpoint at the last epoch, or one after which early stopping ends the run."""
     from featx.recipe import should_stop  # imports torch: only once a run has checkpoints
 
     history = meta["metrics"]["history"]
-    return meta.get("epoch", 0) >= epochs or should_stop(history, patience)
+    return meta.get("epoch", 0) >= epochs or should_stop(history, patience, min_epochs=min_epochs)
 
 
 def model_history(model_dir: Path) -> list[dict]:

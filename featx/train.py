@@ -135,7 +135,11 @@ def _train(
         version = int(prior.get("version", 1))
         if prior["dataset"] == card["fingerprint"]:
             last = latest_state(out)
-            if last and finished(last, cfg.epochs, cfg.patience):
+            from featx.recipe import earliest_stop
+
+            if last and finished(
+                last, cfg.epochs, cfg.patience, earliest_stop(cfg.objective, cfg.epochs)
+            ):
                 publish(out)  # the driver may have died between the last checkpoint and here
                 return _result(out, cfg, t0, up_to_date=True)
         else:

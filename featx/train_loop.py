@@ -36,7 +36,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from featx import ray_compat
     from featx.batching import make_collate
-    from featx.recipe import best_epoch, should_stop
+    from featx.recipe import best_epoch, earliest_stop, should_stop
 
     cfg = TrainConfig.model_validate(config["config"])
     card, splits, key_dir = config["card"], config["splits"], config["key_dir"]
@@ -50,6 +50,7 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = storage.local_path(config["tokenizer"]) if config.get("tokenizer") else None
     model = setup_model(cfg, card, tokenizer)
     contrastive = cfg.objective != "supervised"
+    min_epochs = earliest_stop(cfg.objective, cfg.epochs)
     if contrastive:  # the projection head trains with the model; extraction never sees it
         from featx.contrastive import ContrastiveNet
 
@@ -84,7 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
     fallback = (lambda: both_views(dummy_batch(card, device))) if contrastive else None
 
     for epoch in range(start_epoch, cfg.epochs):
-        if should_stop(history, cfg.patience):  # restored from a checkpoint that stopped
+        if should_stop(history, cfg.patience, min_epochs=min_epochs):  # restored, had stopped
             break
         collate = make_collate(
             card["modality"],
@@ -169,7 +170,8 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics)
         # Rank 0 alone holds the validation history; every rank must stop at the same epoch.
-        if stop_together(rank == 0 and should_stop(history, cfg.patience), world, device):
+        stop = rank == 0 and should_stop(history, cfg.patience, min_epochs=min_epochs)
+        if stop_together(stop, world, device):
             if rank == 0:
                 best = best_epoch(history)
                 log.info("early stop: val loss last improved in epoch %d of %d", best, epoch + 1)

@@ -121,3 +121,13 @@ def test_a_grown_dataset_with_another_automatic_batch_size_is_the_same_settings(
     other = TrainConfig.parse(dataset=tmp_path, out=tmp_path / "run", batch_size=64)
     assert not same_settings(recorded, other.run_fingerprint())
     assert not same_settings(recorded, cfg.model_copy(update={"model": "rnn"}).run_fingerprint())
+
+
+def test_contrastive_runs_are_not_stopped_before_half_their_epochs():
+    from featx.recipe import earliest_stop
+
+    history = [{"epoch": e, "val_loss": 1.0 if e == 1 else 2.0} for e in range(1, 11)]
+    assert should_stop(history, patience=5)  # supervised: 9 epochs without a new best
+    assert earliest_stop("supervised", 40) == 0 and earliest_stop("contrastive", 40) == 20
+    assert not should_stop(history, patience=5, min_epochs=earliest_stop("contrastive", 40))
+    assert should_stop(history, patience=5, min_epochs=earliest_stop("contrastive", 20))

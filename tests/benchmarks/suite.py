@@ -87,12 +87,13 @@ PLANS = {
             "timeout_s": 1800,
         },
         "quality": {
-            "script": "bench_quality.py",  # every corpus x family with featx's defaults
-            "first": [],
-            "rest": [],
+            # every corpus x family with featx's defaults, supervised and without labels
+            "script": "bench_quality.py",
+            "first": ["--objectives", "supervised,contrastive"],
+            "rest": ["--objectives", "supervised,contrastive"],
             "repeats": 1,
-            "estimate_s": 1500,
-            "timeout_s": 5400,
+            "estimate_s": 3300,
+            "timeout_s": 9000,
         },
     },
     "quick": {
@@ -140,10 +141,12 @@ PLANS = {
         },
         "quality": {
             "script": "bench_quality.py",
-            "first": ["--corpora", "digits", "--models", "cnn", "--epochs", "2"],
-            "rest": ["--corpora", "digits", "--models", "cnn", "--epochs", "2"],
+            "first": ["--corpora", "digits", "--models", "cnn", "--epochs", "2"]
+            + ["--objectives", "supervised,contrastive"],
+            "rest": ["--corpora", "digits", "--models", "cnn", "--epochs", "2"]
+            + ["--objectives", "supervised,contrastive"],
             "repeats": 1,
-            "estimate_s": 70,
+            "estimate_s": 140,
             "timeout_s": 600,
         },
     },
