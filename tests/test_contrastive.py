@@ -60,8 +60,15 @@ def _rank(rank: int, world: int, port: int, shares, out) -> None:
             results.append((totals.tolist(), [g.tolist() for g in grads]))
         if rank == 0:
             out.put(results)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    if rank == 0:  # the results reach the parent before this process goes
+        out.close()
+        out.join_thread()
+    # Leave without C++ static destructors: gloo's threads sometimes abort them ("terminate
+    # called without an active exception") after the work is done and checked.
+    os._exit(0)
 
 
 def test_loss_gathered_across_two_ranks_equals_one_process_on_the_whole_batch():

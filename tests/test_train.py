@@ -311,8 +311,11 @@ def _objective_saved(run: Path, objective: str) -> None:
     assert not any(k.startswith("projector") for k in model.state_dict())
 
 
+# Each fault for one objective, and each objective through a fault: the kill is survived
+# by a contrastive run (restoring its projection head too), the driver's death by a
+# supervised one; the resuming code is the same for both (`train_loop.restore`).
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["supervised", "contrastive"])
+@pytest.mark.parametrize("objective", ["contrastive"])
 def test_a_killed_worker_is_survived(tmp_path, shards, objective):
     run = tmp_path / "run"
     opts = "--workers 2 --epochs 5 --batch-size 4 --max-failures 2 --patience 0".split()
@@ -342,10 +345,15 @@ def test_a_killed_worker_is_survived(tmp_path, shards, objective):
     assert metrics["last"]["epoch"] <= 5
     assert "resuming from the checkpoint" in out  # the restarted workers resumed, not restarted
     _objective_saved(run, objective)
+    if objective == "contrastive":  # the label-free monitors, every epoch
+        import pandas as pd
+
+        columns = set(pd.read_csv(run / "metrics.csv").columns)
+        assert {"alignment", "uniformity", "effective_rank", "knn_accuracy"} <= columns
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["supervised", "contrastive"])
+@pytest.mark.parametrize("objective", ["supervised"])
 def test_rerun_after_the_driver_died_resumes(tmp_path, shards, objective):
     run = tmp_path / "run"
     args = [
@@ -380,6 +388,3 @@ def test_rerun_after_the_driver_died_resumes(tmp_path, shards, objective):
 
     assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == list(range(1, 11))
     _objective_saved(run, objective)
-    if objective == "contrastive":  # the label-free monitors, every epoch
-        columns = set(pd.read_csv(run / "metrics.csv").columns)
-        assert {"alignment", "uniformity", "effective_rank", "knn_accuracy"} <= columns
