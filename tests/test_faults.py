@@ -718,7 +718,7 @@ def test_extract_sigkill_at_seeded_moments_resumes_exactly_once(
     kills, runs = 0, 0
     while kills < 5:
         runs += 1
-        assert runs <= 8, f"only {kills} effective kills in {runs - 1} runs"
+        assert runs <= 14, f"only {kills} effective kills in {runs - 1} runs"
         parts_before = set(in_splits(building, "part-*.parquet"))
         proc = start_featx(*cmd, log=log)
         try:
@@ -738,11 +738,12 @@ def test_extract_sigkill_at_seeded_moments_resumes_exactly_once(
         finally:
             if proc.poll() is None:
                 proc.kill()
+        assert check_visible_parts(out, dataset) == []
         if hit and rc == -9:
             kills += 1
-        elif rc == 0:
-            break
-        assert check_visible_parts(out, dataset) == []
+        elif rc == 0:  # finished before enough kills landed (a fast machine): start afresh
+            _expect_same_features(ref, out, dataset, fault_figures)
+            shutil.rmtree(out)
     fault_figures.fault("SIGKILL extract", kills)
     assert kills >= 5, f"only {kills} kills landed while extract was writing"
     r = run_featx(*cmd)
