@@ -150,3 +150,44 @@ class ShardEmbedder:
 
 def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
+
+
+def embed_files(features, files: list, *, batch_size: int = 64) -> np.ndarray:
+    """Feature vectors of new raw files, made as `features` were: each file is normalised with
+    the dataset's ingest settings (recorded in the model directory) and embedded by the model
+    the features came from. A file ingest would reject raises ValueError with its reason."""
+    import torch
+
+    from featx.batching import make_collate
+    from featx.checkpoint import load_model
+    from featx.features import read_manifest
+    from featx.normalize import Params, Rejected, process
+
+    manifest = read_manifest(features)
+    if manifest is None:
+        raise FileNotFoundError(f"No features manifest in {features}")
+    model_dir = storage.location(manifest["model_dir"])
+    if storage.is_uri(model_dir):
+        model_dir = storage.local_copy(model_dir)
+    model, meta = load_model(Path(model_dir))
+    norm = meta.get("normalisation") or {}
+    params = Params.of(**{k: v for k, v in norm.items() if k in Params.__dataclass_fields__})
+    tokenizer = Path(meta["model_dir"]) / meta["tokenizer"] if meta.get("tokenizer") else None
+    collate = make_collate(
+        meta["modality"],
+        tokenizer_path=tokenizer,
+        max_tokens=meta.get("max_tokens", 256),
+        augment=False,
+    )
+    samples = []
+    for i, f in enumerate(files):
+        res = process(str(f), None, meta["modality"], params)
+        if isinstance(res, Rejected):
+            raise ValueError(f"{f}: ingest would reject it: {res.reason} ({res.detail})")
+        samples.append(decode_sample({"__key__": f"file{i}", res.ext: res.payload}))
+    chunks = []
+    for batch in batched(samples, batch_size):
+        b = collate(batch)
+        with torch.inference_mode():
+            chunks.append(model.forward_features(b["x"], b["lengths"]).float().numpy())
+    return np.concatenate(chunks)
