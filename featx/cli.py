@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import re
@@ -13,6 +12,9 @@ import typer
 from rich.table import Table
 
 from featx.cli_parts import RAY_ENV, acc, config_command, console, parse
+from featx.cli_parts import progress_bar as _progress_bar
+from featx.cli_parts import write_summary as _write_summary
+from featx.cli_use import register as register_use_commands
 from featx.config import ExtractConfig, IngestConfig, ProbeConfig, TrainConfig
 from featx.errors import ConfigError
 
@@ -219,6 +221,11 @@ def probe(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
             acc(d.get("classic_accuracy")),
             acc(d["majority_accuracy"]),
         )
+    if r.without_excluded:
+        w = r.without_excluded
+        left = ", ".join(f"{n} {s}" for s, n in w["rows"].items()) or "none of these rows"
+        scores = ", ".join(f"{s} {acc(a)}" for s, a in w["splits"].items())
+        console.print(f"without the samples in {w['file']} ({left}): accuracy {scores}")
     console.print(t)
     c = Table(title="val accuracy per class")
     for col in ("class", "probe", "random-init", "classic"):
@@ -232,26 +239,6 @@ def probe(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
         )
     console.print(c)
     _write_summary(summary_json, r.to_dict())
-
-
-@contextlib.contextmanager
-def _progress_bar(name: str, starting: str | None = None):
-    """A transient rich progress bar; yields the `progress(done, total)` callback stages take."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task(starting or name, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total, description=name)
-
-
-def _write_summary(path: Path | None, summary: dict) -> None:
-    if path is not None:
-        import json
-
-        from featx.fsutil import atomic_write_text
-
-        atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
 
 
 # Disk and permission failures a user fixes outside featx: one line with a hint, not a
@@ -285,6 +272,7 @@ def _add_commands() -> None:
         ep.load()(app)
 
 
+register_use_commands(app)
 _add_commands()
 
 

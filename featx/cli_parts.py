@@ -9,11 +9,13 @@ problem at once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
 import typing
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import typer
 from pydantic import BaseModel
@@ -132,3 +134,23 @@ def _choices(annotation) -> list[str]:
         if choices := _choices(a):
             return choices
     return []
+
+
+@contextlib.contextmanager
+def progress_bar(name: str, starting: str | None = None):
+    """A transient rich progress bar; yields the `progress(done, total)` callback stages take."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(starting or name, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total, description=name)
+
+
+def write_summary(path: Path | None, summary: dict) -> None:
+    if path is not None:
+        import json
+
+        from featx.fsutil import atomic_write_text
+
+        atomic_write_text(path, json.dumps(summary, indent=2) + "\n")

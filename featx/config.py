@@ -309,6 +309,11 @@ class TrainConfig(StageConfig):
     ray_address: str | None = Field(
         None, description="Ray cluster address; default: RAY_ADDRESS, else start a local Ray."
     )
+    exclude: Path | None = Field(
+        None,
+        description="A file of sample keys to leave out, one a line (`featx dedup` writes "
+        "FEATURES/versions/<v>/_dedup/exclude.txt): near-duplicates and leaking samples.",
+    )
     overwrite: bool = Field(False, description="Start RUN_DIR afresh instead of resuming.")
 
     def check_paths(self) -> None:
@@ -339,6 +344,8 @@ class TrainConfig(StageConfig):
             problems.append(f"preset: {self.preset!r} unknown; known: {list(PRESETS[self.model])}")
         if not is_uri(self.out) and self.out.exists() and not self.out.is_dir():
             problems.append(f"out: {self.out} exists and is not a folder")
+        if self.exclude is not None and not self.exclude.is_file():
+            problems.append(f"exclude: {self.exclude} is not a file")
         if problems:
             raise ConfigError(problems)
 
@@ -366,6 +373,10 @@ class TrainConfig(StageConfig):
         )
         if self.objective != "supervised":  # absent for supervised: run.json from before it
             settings.update(objective=self.objective, temperature=self.temperature)
+        if self.exclude is not None:  # absent without one: run.json from before it
+            import hashlib
+
+            settings["exclude_sha256"] = hashlib.sha256(self.exclude.read_bytes()).hexdigest()
         return settings
 
 
@@ -449,6 +460,11 @@ class ProbeConfig(StageConfig):
         "the one extract recorded.",
     )
     seed: int = Field(0, description="Seed of the random-init baseline and the probe.")
+    exclude: Path | None = Field(
+        None,
+        description="A file of sample keys (one a line, as `featx dedup` writes): the probe "
+        "is scored with and without them.",
+    )
     batch_size: int = field_from(
         ExtractConfig,
         "batch_size",
@@ -472,3 +488,87 @@ class ProbeConfig(StageConfig):
     )
     # The checks that need the file system are probe's own, run as it starts: the features'
     # manifest, then the dataset, only if a baseline reads it.
+
+
+class IndexConfig(StageConfig):
+    """Options of `featx index`."""
+
+    features: Location = Field(
+        description="FEATURES_DIR written by `featx extract` (a folder or an object-store URI); "
+        "its current version is indexed, in FEATURES_DIR/versions/<current>/_index/."
+    )
+    segment_rows: int = Field(
+        1_000_000,
+        ge=1000,
+        description="Most rows in one index segment; segments are built in parallel as Ray "
+        "tasks with --ray-address, and reused by the next version where its parts are unchanged.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Build the segments as Ray tasks on this cluster (default: in this "
+        "process). On a cluster, give FEATURES as an object-store URI the nodes can read.",
+    )
+
+
+class NeighborsConfig(StageConfig):
+    """Options of `featx neighbors`."""
+
+    features: Location = Field(description="FEATURES_DIR written by `featx extract`.")
+    key: str | None = Field(None, description="The sample whose neighbours to list, by key.")
+    file: Path | None = Field(
+        None,
+        description="A new raw file: normalised as the dataset was, embedded by the features' "
+        "model, then looked up.",
+    )
+    k: int = Field(10, ge=1, le=10_000, description="How many neighbours.")
+
+    @classmethod
+    def cross_problems(cls, v: dict) -> list[str]:
+        if (v.get("key") is None) == (v.get("file") is None):
+            return ["give exactly one of --key KEY or --file PATH"]
+        return []
+
+
+class DedupConfig(StageConfig):
+    """Options of `featx dedup`."""
+
+    features: Location = Field(description="FEATURES_DIR written by `featx extract`.")
+    threshold: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Cosine similarity (of centred features) from which two samples are "
+        "near-duplicates.",
+    )
+    out: Path | None = Field(
+        None,
+        description="Folder for pairs.parquet, summary.json, exclude.txt (and pairs.png for "
+        "images); default FEATURES_DIR/versions/<current>/_dedup/.",
+    )
+    sheet: bool = Field(True, description="Draw the worst pairs as pairs.png (image datasets).")
+
+
+class ExportConfig(StageConfig):
+    """Options of `featx export`."""
+
+    features: Location = Field(description="FEATURES_DIR written by `featx extract`.")
+    to: Literal["lance"] = Field("lance", description="The format: a Lance dataset.")
+    out: Path = Field(description="Where the export goes (a new folder, or an earlier export).")
+    index: bool | None = Field(
+        None,
+        description="Build a vector index on the embedding column: default when there are "
+        "enough rows to train one.",
+    )
+
+
+class MapConfig(StageConfig):
+    """Options of `featx map`."""
+
+    features: Location = Field(description="FEATURES_DIR written by `featx extract`.")
+    out: Path = Field(description="The PNG to write.")
+    method: Literal["auto", "pca", "tsne"] = Field(
+        "auto",
+        description="auto: PCA, and t-SNE beside it when openTSNE is installed "
+        "(pip install 'featx[map]').",
+    )
+    max_points: int = Field(20_000, ge=10, description="Rows drawn (a seeded sample beyond).")

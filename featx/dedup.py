@@ -67,11 +67,13 @@ def find_duplicates(
     threshold: float = 0.95,
     out=None,
     block: int = BLOCK,
+    sheet: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> DedupSummary:
     """Pairs of rows of the current version of `features` whose centred cosine similarity is
     at least `threshold`, within and across splits; see the module's docstring for what is
-    written. `progress(done, total)` counts rows."""
+    written; `sheet` draws the worst pairs of an image dataset as pairs.png.
+    `progress(done, total)` counts rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -202,6 +204,10 @@ def find_duplicates(
         out=str(out),
         files={"pairs": str(out / PAIRS), "exclude": str(out / EXCLUDE)},
     )
+    if sheet and worst_rows:
+        png = _contact_sheet(index.folder, worst_rows, out / "pairs.png")
+        if png:
+            summary.files["contact_sheet"] = str(png)
     summary.seconds = round(time.perf_counter() - t0, 3)
     atomic_write_text(out / SUMMARY, json.dumps(summary.to_dict(), indent=2) + "\n")
     summary.files["summary"] = str(out / SUMMARY)
@@ -214,3 +220,27 @@ def read_exclusions(path) -> set[str]:
 
     text = storage.read_text(storage.location(path))
     return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+
+
+def _contact_sheet(version_dir: Path, worst: list[dict], png: Path) -> Path | None:
+    """The worst pairs side by side, for an image dataset that is still where extract read it."""
+    from featx import storage
+    from featx.dataset import load_card
+    from featx.features import read_manifest
+
+    dataset = (read_manifest(version_dir) or {}).get("dataset")
+    if not dataset:
+        return None
+    dataset = storage.location(dataset)
+    try:
+        if load_card(dataset)["modality"] != "image":
+            return None
+    except FileNotFoundError:
+        return None
+    from featx.featmap import contact_sheet
+
+    pairs = [
+        (w["key_a"], w["key_b"], w["similarity"], f"{w['split_a']} / {w['split_b']}") for w in worst
+    ]
+    contact_sheet(dataset, pairs, png)
+    return png

@@ -45,6 +45,10 @@ class ProbeResult:
     #           for every labelled eval split (val, test)
     splits: dict[str, dict] = field(default_factory=dict)
     baseline_dir: str | None = None
+    # with `exclude`: the probe refitted and scored without the listed samples (near-duplicates
+    # and leaking val/test samples): {"file", "rows": excluded rows per split, "accuracy" (val),
+    # "splits": {split: accuracy}}
+    without_excluded: dict | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -105,6 +109,17 @@ def probe(cfg: ProbeConfig, progress: Callable[[int, int], None] | None = None) 
         per_class_accuracy=fit.per_class["val"],
         splits=splits,
     )
+    if cfg.exclude is not None:
+        from featx.dedup import read_exclusions
+
+        drop = df["key"].isin(read_exclusions(cfg.exclude)).to_numpy()
+        kept = _Probe.fit(X[~drop], df[~drop].reset_index(drop=True), features_dir, seed)
+        result.without_excluded = {
+            "file": str(cfg.exclude),
+            "rows": {str(k): int(v) for k, v in df["split"][drop].value_counts().items()},
+            "accuracy": kept.accuracy["val"],
+            "splits": kept.accuracy,
+        }
     if cfg.baseline:
         bdir = _baseline_features(cfg, features_dir, manifest, source)
         base = _Probe.fit(*read_features(bdir), bdir, seed)
@@ -201,11 +216,17 @@ def headline(probe: dict) -> str:
     classic = (
         f"classic ({probe['classic_features']})" if probe.get("classic_features") else "classic"
     )
-    return (
+    line = (
         f"accuracy {f(probe['accuracy'])} vs random-init baseline "
         f"{f(probe.get('baseline_accuracy'))}, {classic} {f(probe.get('classic_accuracy'))}, "
         f"majority class {f(probe.get('majority_accuracy'))}"
     )
+    if probe.get("without_excluded"):
+        w = probe["without_excluded"]
+        line += (
+            f"; without the {sum(w['rows'].values())} excluded near-duplicates {f(w['accuracy'])}"
+        )
+    return line
 
 
 def describe(features) -> dict:

@@ -19,6 +19,7 @@ from featx import storage
 from featx.checkpoint import MODEL_FILE, TOKENIZER_FILE
 from featx.config import TrainConfig
 from featx.dataset import load_card
+from featx.dedup import read_exclusions
 from featx.errors import ConfigError
 from featx.run_dir import (
     KEYS_DIR,
@@ -198,8 +199,11 @@ def _train(
     dataset = cfg.dataset if is_uri(cfg.dataset) else cfg.dataset.resolve()
     splits = [s for s in ("train", "val") if card["counts"].get(s, {}).get("total", 0)]
     datasets = {}
+    exclude = sorted(read_exclusions(cfg.exclude)) if cfg.exclude else []
+    if exclude:
+        log.info("leaving out %d sample keys listed in %s", len(exclude), cfg.exclude)
     if cfg.loader == "ray":
-        datasets = {s: read_split(dataset, card, s, cfg.batch_size) for s in splits}
+        datasets = {s: read_split(dataset, card, s, cfg.batch_size, exclude) for s in splits}
     # The workers get the config itself, as JSON, and parse it back: no second list of options.
     loop_config = {
         "config": cfg.model_copy(update={"dataset": dataset}).model_dump(mode="json"),
@@ -212,6 +216,7 @@ def _train(
         else None,
         "version": version,
         "warm_start": warm_from,
+        "exclude": exclude,
     }
     local = not address_from(cfg.ray_address)
     trainer = ray_compat.trainer_class(datasets=bool(datasets), local=local)(

@@ -26,6 +26,7 @@ class RankData:
     sources: dict[str, Any]
     batch_size: int
     device: torch.device
+    exclude: frozenset = frozenset()  # sample keys left out (the shards loader; Ray's filters)
 
     def batches(self, split: str, collate, seed: int | None = None, share=(0, 1)):
         """(x, lengths, labels, keys) batches of `split` on the device; `share` is (rank, world)
@@ -33,7 +34,7 @@ class RankData:
         if self.loader == "ray":
             host = ray_batches(self.sources[split], collate, self.batch_size, seed)
         else:
-            samples = share_of(self.sources[split], *share, seed, 8 * self.batch_size)
+            samples = share_of(self.sources[split], *share, seed, 8 * self.batch_size, self.exclude)
             host = prefetch(collated(samples, collate, self.batch_size))
         return to_device(host, self.device)
 
@@ -91,7 +92,14 @@ def rows(raw: dict) -> list[dict]:
     return [decode_sample({c: raw[c][i] for c in cols if raw[c][i] is not None}) for i in range(n)]
 
 
-def share_of(shards: list[tuple[str, int]], rank: int, world: int, seed: int | None, buffer: int):
+def share_of(
+    shards: list[tuple[str, int]],
+    rank: int,
+    world: int,
+    seed: int | None,
+    buffer: int,
+    exclude: frozenset = frozenset(),
+):
     """Rank `rank`'s share of the samples of `shards` (url, samples): disjoint from the other
     ranks' shares, together covering every sample, and within one sample of each other in
     size, however many shards there are.
@@ -100,7 +108,8 @@ def share_of(shards: list[tuple[str, int]], rank: int, world: int, seed: int | N
     over (fewer than `world` of a size) are shared by sample: every `world`-th sample of them.
     A rank reads only its own shards and the shared ones, and decodes only its samples. With a
     seed, the shard order (hence which rank gets which shard) and a `buffer`-sample window are
-    shuffled per epoch; every rank draws the same order from the same seed.
+    shuffled per epoch; every rank draws the same order from the same seed. Samples whose
+    key is in `exclude` are skipped.
     """
     import random
 
@@ -124,7 +133,8 @@ def share_of(shards: list[tuple[str, int]], rank: int, world: int, seed: int | N
                     shared += 1
                     if (shared - 1) % world != rank:
                         continue
-                yield s
+                if s["__key__"] not in exclude:
+                    yield s
 
     mine = raw()
     if seed is not None:
@@ -253,8 +263,9 @@ def in_step(batches, world: int, device):
 # -- the driver's side of the Ray Data loader ---------------------------------------------------
 
 
-def read_split(dataset: Path, card: dict, split: str, batch_size: int):
-    """A Ray Dataset of `split`'s shards, members as raw bytes, in batch-sized blocks."""
+def read_split(dataset: Path, card: dict, split: str, batch_size: int, exclude=()):
+    """A Ray Dataset of `split`'s shards, members as raw bytes, in batch-sized blocks, without
+    the samples whose key is in `exclude`."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -268,12 +279,29 @@ def read_split(dataset: Path, card: dict, split: str, batch_size: int):
     # Re-chunk into batch-sized blocks (fused into the read task, zero-copy) so the streaming
     # split hands work out at batch granularity and the ranks' shares differ by a batch at most.
     return ds.map_batches(
-        _identity, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True
+        _Without(list(exclude)) if exclude else _identity,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
     )
 
 
 def _identity(batch):
     return batch
+
+
+class _Without:
+    """A batch without the rows whose key is in `keys` (picklable, for Ray Data)."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+
+    def __call__(self, batch):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        keep = pc.invert(pc.is_in(batch["__key__"], value_set=pa.array(self.keys, pa.string())))
+        return batch.filter(keep)
 
 
 def split_train_only():

@@ -73,6 +73,7 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = prepare_model(model)
     net = ddp.module if hasattr(ddp, "module") else ddp
     data = setup_data(cfg.loader, card, cfg.dataset, splits, cfg.batch_size, device)
+    data.exclude = frozenset(config.get("exclude") or ())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     views = 2 if contrastive else 1
     from featx.contrastive import contrastive_loss, evaluate_contrastive

@@ -171,3 +171,52 @@ def test_planted_near_duplicates_are_found_within_and_across_splits(tmp_path):
     summary = json.loads(Path(s.files["summary"]).read_text())
     assert summary["pairs"] == len(pairs) and len(summary["worst"]) == min(16, len(pairs))
     assert summary["worst"][0]["similarity"] >= summary["worst"][-1]["similarity"]
+
+
+def test_the_exclusion_list_changes_the_probe_and_the_cli_reports_both(tmp_path):
+    """Val rows that are copies of train rows score like train rows (the probe fits its train
+    set exactly here: more dimensions than rows); left out, the probe says what it really
+    does on new samples."""
+    from typer.testing import CliRunner
+
+    from featx import cli
+    from featx.config import ProbeConfig
+    from featx.dedup import find_duplicates
+    from featx.probe import probe
+
+    rng = np.random.default_rng(0)
+    X, y = clustered(140, 2, dim=64, spread=8.0, seed=4)
+    train, val = X[:60], X[60:].copy()
+    val[40:] = train[:40] + 0.01 * rng.normal(0, 1, (40, 64))
+    yv = y[60:].copy()
+    yv[40:] = y[:40]
+    feat = write_version(
+        tmp_path / "f", 1, {"train/000000": (train, y[:60], "a"), "val/000001": (val, yv, "b")}
+    )
+    s = find_duplicates(feat, threshold=0.95)
+    assert s.leaking["val"] == 40
+    cfg = dict(features=feat, baseline=False, classic=False)
+    r = probe(ProbeConfig.parse(**cfg, exclude=s.files["exclude"]))
+    w = r.without_excluded
+    assert w["rows"] == {"val": 40} and r.rows["val"] == 80
+    assert r.accuracy - w["accuracy"] >= 0.1  # the copies inflated the score
+    assert probe(ProbeConfig.parse(**cfg)).without_excluded is None
+
+    runner = CliRunner()
+    out = runner.invoke(cli.app, ["probe", str(feat), "--no-baseline", "--no-classic",
+                                  "--exclude", s.files["exclude"]])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.output.split())
+    assert "without the samples in" in said and "40 val" in said
+    out = runner.invoke(cli.app, ["neighbors", str(feat), "--key", "val-000001-45", "-k", "3"])
+    assert out.exit_code == 0, out.output
+    assert "train-000000-5" in out.output  # its original, first
+    out = runner.invoke(cli.app, ["neighbors", str(feat), "--key", "nope"])
+    assert out.exit_code == 2 and "no sample with key 'nope'" in out.output
+    out = runner.invoke(cli.app, ["neighbors", str(feat)])
+    assert "exactly one of --key KEY or --file PATH" in str(out.exception)  # main() says it
+    out = runner.invoke(cli.app, ["dedup", str(feat), "--threshold", "0.95"])
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.output.split())
+    assert "40 near-duplicate pairs" in said and "leaking into train: 40 val" in said
+    assert (feat / VERSIONS / "000001" / "_dedup" / "pairs.parquet").is_file()
