@@ -10,8 +10,9 @@ one block's pairs, the index, and a few small columns per row, never all pairs. 
     exclude.txt    keys that `featx train --exclude` and `featx probe --exclude` leave out
 
 A val or test sample leaks when its nearest train sample is a near-duplicate. The exclusion
-list keeps one member of every pair: across splits the train one (then val), within a split
-the first; so excluding it leaves the splits disjoint and every group of copies once.
+list keeps the first of every group of copies (rows in order: train, val, test, then shard and
+row) and lists the rest, and every leaking val or test sample: leaving them out leaves the
+splits without near-duplicates across them, and every group of copies once.
 """
 
 from __future__ import annotations
@@ -125,18 +126,21 @@ def find_duplicates(
                 qa, qb, qs = [], [], []
                 for qid, (nids, sims) in zip(ids[lo : lo + block], found, strict=True):
                     qid = int(qid)
-                    qsplit = p.split
+                    kept = qid not in excluded  # rows come in id order: its fate is known
                     for nid, sim in zip(nids.tolist(), sims.tolist(), strict=True):
                         if nid == qid:
                             continue
-                        nsplit = unpack_id(nid)[0]
-                        if qsplit != "train" and nsplit == "train":
+                        if p.split != "train" and unpack_id(nid)[0] == "train":
                             best_train[qid] = max(best_train.get(qid, -1.0), sim)
                         if nid < qid:
                             continue  # each pair once, from its first row's side
+                        if kept:  # one of each group of copies stays: the first
+                            excluded.add(nid)
                         qa.append(qid)
                         qb.append(nid)
                         qs.append(sim)
+                    if qid in best_train:  # a leaking val/test row goes, whatever else
+                        excluded.add(qid)
                 if qa:
                     a, b = np.asarray(qa), np.asarray(qb)
                     w.write_table(
@@ -157,8 +161,6 @@ def find_duplicates(
                         si, sj = unpack_id(i)[0], unpack_id(j)[0]
                         pair = "-".join(sorted((si, sj), key=SPLITS.index))
                         by_splits[pair] = by_splits.get(pair, 0) + 1
-                        # ids sort by split, then part, then row: b is the later member
-                        excluded.add(max(i, j))
                         item = (s, -i, -j)
                         if len(worst) < WORST:
                             heapq.heappush(worst, item)

@@ -220,3 +220,81 @@ def test_the_exclusion_list_changes_the_probe_and_the_cli_reports_both(tmp_path)
     said = " ".join(out.output.split())
     assert "40 near-duplicate pairs" in said and "leaking into train: 40 val" in said
     assert (feat / VERSIONS / "000001" / "_dedup" / "pairs.parquet").is_file()
+
+
+def scene(seed: int):
+    """A picture of a few coloured shapes on a coloured ground: no two seeds alike."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", (48, 48), tuple(int(v) for v in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(im)
+    for _ in range(4):
+        (x, y), (w, h) = rng.integers(0, 36, 2), rng.integers(8, 24, 2)
+        box = [int(x), int(y), int(x + w), int(y + h)]
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    return im
+
+
+def test_reencoded_and_cropped_copies_of_images_are_found_across_splits(tmp_path):
+    """Copies that exact-byte dedup cannot see (JPEG at quality 70, a 2-pixel crop scaled
+    back) are found by `featx dedup` on the features of a CNN, wherever the split put them."""
+    import pandas as pd
+    import torch
+
+    from featx.checkpoint import save_model_dir
+    from featx.config import ExtractConfig, IngestConfig
+    from featx.dataset import load_card
+    from featx.dedup import find_duplicates, read_exclusions
+    from featx.extract import extract
+    from featx.index import neighbors
+    from featx.ingest import ingest
+    from featx.models import create_model
+
+    src = tmp_path / "src"
+    for i in range(80):
+        folder = src / f"c{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        im = scene(i)
+        im.save(folder / f"{i:03d}.png")
+        if i < 10:
+            im.save(folder / f"{i:03d}-copy.jpg", quality=70)
+        elif i < 20:
+            im.crop((2, 2, 46, 46)).resize((48, 48)).save(folder / f"{i:03d}-crop.png")
+    ds = tmp_path / "ds"
+    cfg = dict(shard_samples=16, image_size=32, val_fraction=0.3, workers=1)
+    summary = ingest(IngestConfig.parse(src=src, out=ds, **cfg))
+    assert summary.duplicates == 0 and summary.total == 100  # no byte-level duplicates
+    torch.manual_seed(0)
+    save_model_dir(tmp_path / "model", create_model("cnn", "image", 4), load_card(ds), ds, {})
+    feat = tmp_path / "feat"
+    extract(ExtractConfig.parse(dataset=ds, checkpoint=tmp_path / "model", out=feat))
+
+    s = find_duplicates(feat, threshold=0.97)
+    pairs = pd.read_parquet(s.files["pairs"])
+    _, df = read_features(feat)
+    source = dict(zip(df["key"], df["source"], strict=True))
+    stem = {k: Path(v).stem.split("-")[0] for k, v in source.items()}
+    found = {frozenset((a, b)) for a, b in zip(pairs["key_a"], pairs["key_b"], strict=True)}
+    planted = {
+        frozenset((k, o))
+        for k, v in source.items()
+        if "-" in Path(v).stem
+        for o in source
+        if o != k and stem[o] == stem[k]
+    }
+    assert len(planted) == 20 and planted <= found  # every copy, JPEG or cropped
+    split = dict(zip(df["key"], df["split"], strict=True))
+    across = [p for p in planted if len({split[k] for k in p}) == 2]
+    assert across  # the split put some copies apart: found there too
+    assert len(found) <= 2 * len(planted)  # distinct pictures are mostly not called copies
+    # the exclusion list breaks up every planted pair, and lists no more than was found
+    excluded = read_exclusions(s.files["exclude"])
+    assert all(p & excluded for p in planted) and len(excluded) <= len(found)
+    assert {k for p in across for k in p if split[k] != "train"} <= excluded
+    assert (Path(s.out) / "pairs.png").stat().st_size > 1000  # the contact sheet
+    # a new file: normalised and embedded as the dataset was, its copies come first
+    nb = neighbors(feat, file=src / "c1" / "005.png", k=2)
+    assert {Path(v).name for v in nb["source"]} == {"005.png", "005-copy.jpg"}
+    assert nb["similarity"].iloc[0] > 0.999
