@@ -137,11 +137,18 @@ def register(app: typer.Typer) -> None:
         console.print(f"[green]map[/] ({', '.join(info['methods'])}): {cfg.out}{kept}")
 
     @config_command(app, ExportConfig, arguments=("features",))
-    def export(values: dict) -> None:
+    def export(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
         """Export the current feature version for a vector store: a Lance dataset with a
         vector index on `embedding` (`pip install 'featx[lance]'`)."""
         from featx.export import export_lance
 
         cfg = parse(ExportConfig, values)
-        s = export_lance(cfg.features, cfg.out, index=cfg.index)
-        console.print(f"[green]exported[/] {s.to_dict()}")
+        with progress_bar("parts", starting="export") as progress:
+            s = export_lance(cfg.features, cfg.out, index=cfg.index, progress=progress)
+        index = s.index or f"none ({s.index_skipped})"
+        console.print(
+            f"[green]exported[/] {s.rows} rows of {s.dim} floats (version {s.version}) to "
+            f"{s.out} as Lance; vector index: {index}",
+            soft_wrap=True,
+        )
+        write_summary(summary_json, s.to_dict())

@@ -499,7 +499,7 @@ class IndexConfig(StageConfig):
     )
     segment_rows: int = Field(
         1_000_000,
-        ge=1000,
+        ge=1,
         description="Most rows in one index segment; segments are built in parallel as Ray "
         "tasks with --ray-address, and reused by the next version where its parts are unchanged.",
     )

@@ -102,6 +102,7 @@ class IndexSummary:
     up_to_date: bool = False
     seconds: float = 0.0
     kinds: dict[str, int] = field(default_factory=dict)  # "flat"/"ivf" -> segments
+    nodes: list[str] = field(default_factory=list)  # Ray nodes that built segments
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -260,7 +261,10 @@ def build_index(
     total = len(groups)
     if progress:
         progress(0, total)
-    for i, (group, data) in enumerate(_build_groups(folder, groups, mean, ray_address)):
+    nodes: set[str] = set()
+    for i, (group, data, node) in enumerate(_build_groups(folder, groups, mean, ray_address)):
+        if node:
+            nodes.add(node)
         name = _segment_name(group)
         atomic_write_bytes(out / name, data)
         rows = sum(p.rows for p in group)
@@ -301,6 +305,7 @@ def build_index(
         len(reused),
         seconds=round(time.perf_counter() - t0, 3),
         kinds=_kinds(manifest),
+        nodes=sorted(nodes),
     )
 
 
@@ -339,24 +344,38 @@ def _mean(folder: Path, parts: list[Part]) -> np.ndarray:
 
 
 def _build_groups(folder: Path, groups, mean, ray_address):
-    """(group, index bytes) for each group: here, or as Ray tasks on a cluster."""
+    """(group, index bytes, Ray node or None) for each group: here, or as Ray tasks."""
     if not groups:
         return
     if ray_address is None:
         for g in groups:
-            yield g, build_segment(str(folder), [asdict(p) for p in g], mean)
+            yield g, build_segment(str(folder), [asdict(p) for p in g], mean), None
         return
     import ray
 
-    from featx.ray_compat import init_ray
+    from featx.cluster import init_ray
 
-    init_ray(ray_address)
-    task = ray.remote(num_cpus=1)(build_segment)
-    refs = {task.remote(str(folder), [asdict(p) for p in g], mean): g for g in groups}
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        yield refs[done[0]], ray.get(done[0])
+    started = not ray.is_initialized()
+    if started:
+        init_ray(ray_address, worker_logs=False)
+    try:
+        task = ray.remote(num_cpus=1)(_segment_task)
+        refs = {task.remote(str(folder), [asdict(p) for p in g], mean): g for g in groups}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            node, data = ray.get(done[0])
+            yield refs[done[0]], data, node
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _segment_task(version_dir, parts, mean):
+    """`build_segment` as a Ray task: (the node it ran on, the index's bytes)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), build_segment(version_dir, parts, mean)
 
 
 def _link(src: Path, dest: Path) -> None:

@@ -312,6 +312,18 @@ def test_stages_run_on_more_than_one_node(cluster, shards, tmp_path):
     assert table.num_rows == sum(c["total"] for c in total.values())
     assert len(set(table.column("key").to_pylist())) == table.num_rows
 
+    # The index's segments are built by Ray tasks on the cluster, and answer queries here.
+    summary = tmp_path / "index.json"
+    r = cluster.featx("index", feats, "--segment-rows", 100, "--summary-json", summary)
+    assert r.returncode == 0, r.stderr[-3000:]
+    indexed = json.loads(summary.read_text())
+    assert indexed["rows"] == table.num_rows and indexed["segments_built"] >= 3
+    assert indexed["nodes"] and set(indexed["nodes"]) <= nodes
+    key = table.column("key")[0].as_py()
+    r = cluster.featx("neighbors", feats, "--key", key, "-k", 3, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(json.loads(r.stdout)) == 3 and key not in r.stdout
+
 
 def test_a_folder_one_node_cannot_see_is_refused_before_work(cluster, shards, tmp_path):
     """A node in its own mount namespace sees an empty tmpfs where the shards are."""

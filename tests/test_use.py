@@ -220,6 +220,13 @@ def test_the_exclusion_list_changes_the_probe_and_the_cli_reports_both(tmp_path)
     said = " ".join(out.output.split())
     assert "40 near-duplicate pairs" in said and "leaking into train: 40 val" in said
     assert (feat / VERSIONS / "000001" / "_dedup" / "pairs.parquet").is_file()
+    out = runner.invoke(cli.app, ["export", str(feat), "--to", "lance", "--out",
+                                  str(tmp_path / "f.lance")])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert "exported 140 rows of 64 floats" in " ".join(out.output.split())
+    import lance
+
+    assert lance.dataset(str(tmp_path / "f.lance")).count_rows() == 140
 
 
 def scene(seed: int):
