@@ -621,22 +621,26 @@ def summarise_pipeline(runs: list[dict]) -> dict:
 
 
 def summarise_quality(runs: list[dict]) -> dict:
-    """One row per corpus x family: trained against the better of random init and classic."""
+    """One row per corpus x family x objective: trained against the better of random init and
+    classic (rows of a one-objective run have no "objectives": the row is its own)."""
     rows = []
     for r in runs[0]["rows"]:
         best = max(r["random_init"] or 0.0, r["classic"] or 0.0)
-        rows.append(
-            row(
-                "quality",
-                f"{r['corpus']} ({r['modality']}, {r['samples']} samples), {r['model']}: "
-                f"val probe accuracy with default settings ({r['epochs']} epochs)",
-                f"random {r['random_init']:.3f} / classic {r['classic']:.3f}",
-                f"{r['trained']:.3f}",
-                ratio=r["trained"] / best if best else None,
-                target="> both",
-                met=r["beats_both"],
+        by_objective = r.get("objectives") or {r.get("objective", "supervised"): r}
+        for objective, o in by_objective.items():
+            labels = "" if objective == "supervised" else f", {objective} (labels hidden)"
+            rows.append(
+                row(
+                    "quality",
+                    f"{r['corpus']} ({r['modality']}, {r['samples']} samples), {r['model']}"
+                    f"{labels}: val probe accuracy with default settings ({o['epochs']} epochs)",
+                    f"random {r['random_init']:.3f} / classic {r['classic']:.3f}",
+                    f"{o['trained']:.3f}",
+                    ratio=o["trained"] / best if best else None,
+                    target="> both",
+                    met=o["beats_both"],
+                )
             )
-        )
     return {"rows": rows, "growth": [], "table": runs[0]["table"]}
 
 
