@@ -152,6 +152,29 @@ def test_token_dropout_is_seeded_and_never_empties(tokenizer_path):
     assert a["lengths"].sum() < plain["lengths"].sum()
 
 
+def test_text_views_are_seeded_ordered_subsets_that_differ(tokenizer_path):
+    """Contrastive text views (`views=2`): each keeps about half to four fifths of its text's
+    tokens, in order, less a span; the two views of a text differ; a text of one token stays."""
+    long = " ".join(["the quick brown fox jumps over the lazy dog a cat sat on the mat"] * 3)
+    samples = texts([long] * 8 + ["a", ""])
+    plain = make_collate("text", tokenizer_path=tokenizer_path)(samples)
+    make = lambda: make_collate(  # noqa: E731
+        "text", tokenizer_path=tokenizer_path, augment=True, seed=2, views=2
+    )
+    batch, again = make()(samples), make()(samples)
+    assert torch.equal(batch["x"], again["x"]) and batch["x"].shape[0] == 20
+    n = len(samples)
+    full = plain["x"][0, : plain["lengths"][0]].tolist()
+    for i in range(8):
+        one, two = (batch["x"][j, : batch["lengths"][j]].tolist() for j in (i, i + n))
+        assert one != two
+        for view in (one, two):
+            assert 0.2 * len(full) <= len(view) <= 0.9 * len(full)
+            rest = iter(full)  # an ordered subsequence of the text's tokens
+            assert all(t in rest for t in view)
+    assert batch["lengths"][8] == batch["lengths"][9] == batch["lengths"][18] == 1
+
+
 def test_audio_is_zero_padded_with_lengths():
     samples = clips()
     out = make_collate("audio")(samples)
