@@ -9,7 +9,17 @@ import typer
 from typer.testing import CliRunner
 
 from featx import cli
-from featx.config import ExtractConfig, IngestConfig, ProbeConfig, TrainConfig
+from featx.config import (
+    DedupConfig,
+    ExportConfig,
+    ExtractConfig,
+    IndexConfig,
+    IngestConfig,
+    MapConfig,
+    NeighborsConfig,
+    ProbeConfig,
+    TrainConfig,
+)
 from featx.pipeline import PipelineConfig
 
 COMMANDS = {
@@ -18,6 +28,11 @@ COMMANDS = {
     "extract": (ExtractConfig, ["dataset"]),
     "probe": (ProbeConfig, ["features"]),
     "pipeline": (PipelineConfig, ["src"]),
+    "index": (IndexConfig, ["features"]),
+    "neighbors": (NeighborsConfig, ["features"]),
+    "dedup": (DedupConfig, ["features"]),
+    "map": (MapConfig, ["features"]),
+    "export": (ExportConfig, ["features"]),
 }
 
 
@@ -30,7 +45,8 @@ def _value(field) -> object:
     ):
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
         choices = choices or next(typing.get_args(a) for a in args if typing.get_args(a))
-        return next(c for c in reversed(choices) if c != field.default)
+        # a field with one choice (export --to lance) can only be given its default
+        return next((c for c in reversed(choices) if c != field.default), field.default)
     base = args[0] if args else hint
     bounds = {k: getattr(m, k, None) for m in field.metadata for k in ("ge", "gt", "le", "lt")}
     bounds = {k: v for k, v in bounds.items() if v is not None}
@@ -65,9 +81,11 @@ def test_every_config_field_is_an_option_the_cli_passes_on(command, monkeypatch)
         seen.update(values)
         raise typer.Exit(0)
 
+    import featx.cli_use
     import flows.cli
 
     monkeypatch.setattr(cli, "parse", parse)
+    monkeypatch.setattr(featx.cli_use, "parse", parse)
     monkeypatch.setattr(flows.cli, "parse", parse)
     r = CliRunner().invoke(cli.app, argv)
     assert r.exit_code == 0, r.output
