@@ -224,7 +224,7 @@ def probe(values: dict, summary_json: Path | None = SUMMARY_JSON) -> None:
     if r.without_excluded:
         w = r.without_excluded
         left = ", ".join(f"{n} {s}" for s, n in w["rows"].items()) or "none of these rows"
-        scores = ", ".join(f"{s} {acc(a)}" for s, a in w["splits"].items())
+        scores = ", ".join(f"{s} {acc(a)}" for s, a in w["splits"].items()) or w.get("error")
         console.print(f"without the samples in {w['file']} ({left}): accuracy {scores}")
     console.print(t)
     c = Table(title="val accuracy per class")

@@ -48,6 +48,8 @@ class DedupSummary:
     out: str = ""
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    index_built_at: str = ""  # the index it read: a re-run on the same index is up to date
+    up_to_date: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +89,12 @@ def find_duplicates(
     folder = index.folder
     out = Path(out) if out is not None else folder / DEDUP_DIR
     out.mkdir(parents=True, exist_ok=True)
+    built_at = index.manifest.get("built_at", "")
+    if (out / SUMMARY).exists():  # the same index and threshold: nothing to redo
+        saved = json.loads((out / SUMMARY).read_text())
+        same = saved.get("threshold") == threshold and saved.get("index_built_at") == built_at
+        if same and all(Path(f).exists() for f in saved.get("files", {}).values()):
+            return DedupSummary(**{**saved, "up_to_date": True})
     parts = sorted(
         (Part(**p) for s in index.manifest["segments"] for p in s["parts"]),
         key=lambda p: (SPLITS.index(p.split), p.number),
@@ -205,6 +213,7 @@ def find_duplicates(
         worst=worst_rows,
         out=str(out),
         files={"pairs": str(out / PAIRS), "exclude": str(out / EXCLUDE)},
+        index_built_at=built_at,
     )
     if sheet and worst_rows:
         png = _contact_sheet(index.folder, worst_rows, out / "pairs.png")

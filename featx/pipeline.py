@@ -15,6 +15,7 @@ from pydantic import Field
 
 from featx import storage
 from featx.config import (
+    DedupConfig,
     ExtractConfig,
     IngestConfig,
     Modality,
@@ -61,6 +62,8 @@ class PipelineConfig(StageConfig):
     )
     # extract (and the probe's baseline extraction)
     engine: Literal["auto", "ray", "local"] = field_from(ExtractConfig, "engine")
+    # using the features: near-duplicates across and within splits
+    dedup_threshold: float = field_from(DedupConfig, "threshold")
     # every stage
     gpu: bool = field_from(
         TrainConfig, "gpu", description="GPU training workers and extraction actors."
@@ -101,9 +104,12 @@ class PipelineConfig(StageConfig):
             keep_versions=self.keep_versions,
         )
 
-    def probe_config(self) -> ProbeConfig:
+    def probe_config(self, exclude=None) -> ProbeConfig:
         return ProbeConfig.parse(
-            features=self.features, engine=self.engine, ray_address=self.ray_address
+            features=self.features,
+            engine=self.engine,
+            ray_address=self.ray_address,
+            exclude=exclude,
         )
 
     def _shared(self, config: type[StageConfig], skip: set[str] = frozenset()) -> dict:
@@ -123,9 +129,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     trained = train(cfg.train_config()).to_dict()
     extracted = extract(cfg.extract_config()).to_dict()
     described = describe(cfg.features)
-    probed = probe(cfg.probe_config()).to_dict() if described["labelled"] else None
+    used = use_features(cfg)
+    probed = probe(cfg.probe_config(exclusions(used))).to_dict() if described["labelled"] else None
     summary = summarise(
-        cfg, ingested, trained, extracted, probed, time.perf_counter() - t0, described
+        cfg, ingested, trained, extracted, probed, time.perf_counter() - t0, described, used
     )
     write_report(cfg.report, summary)
     return summary
@@ -139,6 +146,7 @@ def summarise(
     probed: dict | None,
     seconds: float,
     described: dict | None = None,
+    used: dict | None = None,
 ) -> dict:
     """One JSON-able record of a pipeline run (stage results as dicts): what reports show.
     `probed` is None for unlabelled data; `described` is `featx.probe.describe`'s summary."""
@@ -151,6 +159,7 @@ def summarise(
         "extract": extracted,
         "probe": probed,
         "described": described,
+        "used": used,
         "objective": cfg.objective,
         "features": str(cfg.features),
         "curves": str(storage.join(cfg.run_dir, "curves.png")),
@@ -174,12 +183,136 @@ def report_markdown(s: dict) -> str:
         f"| train | {train_line(tr, s.get('objective', 'supervised'))} |",
         f"| extract | {ex['total_rows']} rows of {ex['feature_dim']} floats in `{s['features']}` |",
         f"| probe | {headline(pr) if pr else describe_line(s['described'])} |",
+    ]
+    used = s.get("used")
+    if used:
+        lines.append(f"| near-duplicates | {dedup_headline(used['dedup'])} |")
+    lines += [
         "",
         f"- Training curves: `{s['curves']}`",
         f"- Features (Parquet): `{s['features']}`",
         f"- Wall time: {s['seconds']} s",
     ]
+    if used:
+        lines += ["", *use_markdown(used, relative_to=s["workdir"])]
     return "\n".join(lines) + "\n"
+
+
+def use_features(cfg: PipelineConfig) -> dict:
+    """What the pipeline does with its features: the index, near-duplicates and leakage
+    (`featx dedup`), a map coloured by label and, for images, a grid of samples with their
+    nearest neighbours. The files go into the feature version's `_use/` and `_dedup/`."""
+    from featx.dedup import find_duplicates
+    from featx.featmap import feature_map
+    from featx.features import read_features
+    from featx.index import build_index
+
+    with storage.staged_output(cfg.features, what="use") as local:
+        index = build_index(local).to_dict()
+        dedup = find_duplicates(local, threshold=cfg.dedup_threshold).to_dict()
+        X, df = read_features(local)
+        folder = Path(dedup["out"]).parent / "_use"
+        folder.mkdir(exist_ok=True)
+        used = {"index": index, "dedup": dedup, "map": feature_map(X, df, folder / "map.png")}
+        used["map"]["png"] = str(folder / "map.png")
+        used["grid"] = _neighbour_grid(cfg, local, X, df, folder / "neighbours.png")
+    if storage.is_uri(cfg.features):  # name the files where they now are: in the store
+        for d in (used["dedup"]["files"], used["map"], used):
+            for k, v in list(d.items()):
+                if isinstance(v, str) and v.startswith(str(local)):
+                    d[k] = str(storage.join(cfg.features, str(Path(v).relative_to(local))))
+    return used
+
+
+def exclusions(used: dict | None):
+    """The exclusion list the probe scores without, when dedup listed anything."""
+    if used and used["dedup"]["excluded"]:
+        return used["dedup"]["files"]["exclude"]
+    return None
+
+
+def _neighbour_grid(cfg: PipelineConfig, features: Path, X, df, png: Path) -> str | None:
+    """For an image dataset: a few val samples (one per class where labelled) and their
+    nearest neighbours among the rest, drawn as a grid."""
+    from featx.dataset import load_card
+
+    if load_card(cfg.shards)["modality"] != "image":
+        return None
+    from featx.featmap import neighbour_grid
+    from featx.index import Index
+
+    index = Index.open(features)
+    pool = df[df["split"] == "val"]
+    if pool.empty:
+        pool = df
+    picks = (
+        pool.groupby("label_name", dropna=True).head(1).index[:6]
+        if pool["label_name"].notna().any()
+        else pool.index[:6]
+    )
+    rows, titles = [], []
+    for i in picks:
+        sims, ids = index.search(X[i : i + 1], 6)
+        found = [(r, s) for r, s in zip(index.rows(ids[0]), sims[0], strict=True)]
+        found = [(r, s) for r, s in found if r["key"] != df["key"][i]][:5]
+        rows.append([df["key"][i], *(r["key"] for r, _ in found)])
+        titles.append(
+            [str(df["label_name"][i] or "query")]
+            + [f"{r['label_name'] or ''} {s:.2f}".strip() for r, s in found]
+        )
+    neighbour_grid(cfg.shards, rows, png, titles=titles)
+    return str(png)
+
+
+def dedup_headline(d: dict) -> str:
+    from featx.dedup import headline
+
+    return headline(d)
+
+
+def use_markdown(used: dict, relative_to=None, inline: bool = False) -> list[str]:
+    """Markdown of the map, the neighbour grid and the worst near-duplicate pairs. Images are
+    linked relative to `relative_to` (the report's folder), or with `inline` embedded as data
+    URIs (a Prefect artifact, which cannot reach the files)."""
+
+    def link(path: str) -> str:
+        if inline:
+            import base64
+
+            data = base64.b64encode(storage.read_bytes(storage.location(path))).decode()
+            return f"data:image/png;base64,{data}"
+        if relative_to is not None and not storage.is_uri(path):
+            try:
+                return str(Path(path).absolute().relative_to(Path(relative_to).absolute()))
+            except ValueError:
+                pass
+        return path
+
+    m = used["map"]
+    score = m.get("neighbourhood_score")
+    lines = [
+        "## The features",
+        "",
+        f"Map of {m.get('points')} rows ({', '.join(m.get('methods', []))})"
+        + (f"; kNN-5 agreement of labels on the map: {score:.3f}" if score is not None else ""),
+        "",
+        f"![map]({link(m['png'])})",
+    ]
+    if used.get("grid"):
+        lines += ["", "Val samples (left) and their nearest neighbours:", ""]
+        lines += [f"![neighbours]({link(used['grid'])})"]
+    d = used["dedup"]
+    lines += ["", f"Near-duplicates: {dedup_headline(d)}."]
+    if d["worst"]:
+        lines += ["", "| similarity | a | split | b | split |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"| {w['similarity']:.3f} | {w['key_a']} | {w['split_a']} | {w['key_b']} | "
+            f"{w['split_b']} |"
+            for w in d["worst"][:8]
+        ]
+    if d["files"].get("contact_sheet"):
+        lines += ["", f"![worst pairs]({link(d['files']['contact_sheet'])})"]
+    return lines
 
 
 def train_line(tr: dict, objective: str) -> str:

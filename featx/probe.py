@@ -113,13 +113,17 @@ def probe(cfg: ProbeConfig, progress: Callable[[int, int], None] | None = None) 
         from featx.dedup import read_exclusions
 
         drop = df["key"].isin(read_exclusions(cfg.exclude)).to_numpy()
-        kept = _Probe.fit(X[~drop], df[~drop].reset_index(drop=True), features_dir, seed)
         result.without_excluded = {
             "file": str(cfg.exclude),
             "rows": {str(k): int(v) for k, v in df["split"][drop].value_counts().items()},
-            "accuracy": kept.accuracy["val"],
-            "splits": kept.accuracy,
+            "accuracy": None,
+            "splits": {},
         }
+        try:
+            kept = _Probe.fit(X[~drop], df[~drop].reset_index(drop=True), features_dir, seed)
+            result.without_excluded.update(accuracy=kept.accuracy["val"], splits=kept.accuracy)
+        except ValueError as e:  # too little left to probe (e.g. no val row): said, not fatal
+            result.without_excluded["error"] = str(e)
     if cfg.baseline:
         bdir = _baseline_features(cfg, features_dir, manifest, source)
         base = _Probe.fit(*read_features(bdir), bdir, seed)

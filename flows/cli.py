@@ -70,22 +70,28 @@ def demo(
     rows = []
     for name, values in runs:
         s = pipeline_flow(parse(PipelineConfig, {**values, "model": model}))
-        rows.append((name, s["features"], s["probe"], s["report"]))
+        rows.append((name, s["features"], s["probe"], s["report"], s.get("used")))
     t = Table(title="featx demo: linear-probe accuracy on val")
-    for col in ("data", "trained features", "random-init", "classic", "majority"):
+    cols = ("data", "trained features", "random-init", "classic", "majority", "near-duplicates")
+    for col in cols:
         t.add_column(col)
-    for name, _, probe, _ in rows:
+    for name, _, probe, _, used in rows:
         kind = probe.get("classic_features")
+        clean = probe.get("without_excluded")
+        dd = used["dedup"] if used else None
         t.add_row(
             name,
-            acc(probe["accuracy"]),
+            acc(probe["accuracy"]) + (f" ({acc(clean['accuracy'])} without)" if clean else ""),
             acc(probe.get("baseline_accuracy")),
             acc(probe.get("classic_accuracy")) + (f" ({kind})" if kind else ""),
             acc(probe["majority_accuracy"]),
+            f"{dd['pairs']} pairs, {sum(dd['leaking'].values())} leaking" if dd else "-",
         )
     console.print(t)
-    for name, features, _, report in rows:
+    for name, features, _, report, used in rows:
         console.print(f"[bold]{name}[/]: features {features}/current/ (Parquet), report {report}")
+        if used:
+            console.print(f"  map {used['map']['png']}", soft_wrap=True)
 
 
 def pipeline(values: dict) -> None:

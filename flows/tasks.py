@@ -76,6 +76,14 @@ def probe_task(config: ProbeConfig) -> dict:
     return probe(config).to_dict()
 
 
+@task(name="use features", retries=1, persist_result=True)
+def use_task(config) -> dict:
+    """Index, near-duplicates and leakage, the map (featx.pipeline.use_features)."""
+    from featx.pipeline import use_features
+
+    return use_features(config)
+
+
 class _EpochWatcher:
     """Shows training progress (epochs checkpointed so far) as a Prefect progress artifact.
 
