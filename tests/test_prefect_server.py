@@ -125,6 +125,7 @@ def test_pipeline_run_through_the_api_writes_features_and_artifacts(prefect_serv
         "ingest",
         "probe",
         "train",
+        "use features",
     ]
     assert all(t.state.is_completed() for t in tasks)
 
@@ -145,7 +146,12 @@ def test_pipeline_run_through_the_api_writes_features_and_artifacts(prefect_serv
     assert (work / "report.md").read_text().startswith("# featx pipeline")
 
     arts = _artifacts(prefect_server.api_url, run.id)
-    assert {"featx-ingest", "featx-pipeline", "featx-classes"} <= set(arts), sorted(arts)
+    assert {"featx-ingest", "featx-pipeline", "featx-classes", "featx-features"} <= set(arts), (
+        sorted(arts)
+    )
+    # the map and the near-duplicate summary travel in the artifact itself
+    used = arts["featx-features"].data
+    assert "![map](data:image/png;base64," in used and "near-duplicate pairs" in used
     report = arts["featx-pipeline"]
     assert report.type == "markdown" and "# featx pipeline" in report.data
     assert "probe" in report.data and str(work / "features") in report.data

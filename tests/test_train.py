@@ -388,3 +388,27 @@ def test_rerun_after_the_driver_died_resumes(tmp_path, shards, objective):
 
     assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == list(range(1, 11))
     _objective_saved(run, objective)
+
+
+def test_excluded_keys_are_never_trained_on(tmp_path, shards):
+    """`--exclude FILE` (as `featx dedup` writes it): the listed samples are left out of every
+    rank's epoch; the rest are all there."""
+    expected = train_keys(shards)
+    gone = set(sorted(expected)[::5])
+    exclude = tmp_path / "exclude.txt"
+    exclude.write_text("# near-duplicates\n" + "".join(f"{k}\n" for k in sorted(gone)))
+    run = tmp_path / "run"
+    opts = "--workers 2 --epochs 1 --batch-size 16 --log-keys".split()
+    r = run_cli("train", shards, "--out", run, *opts, "--exclude", exclude)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = set()
+    for k in (0, 1):
+        seen |= set((run / "keys" / f"epoch1-rank{k}.txt").read_text().split())
+    assert seen == expected - gone
+    # Ray Data's loader filters the same way, batch by batch
+    import pyarrow as pa
+
+    from featx.train_data import _Without
+
+    batch = pa.table({"__key__": sorted(expected)})
+    assert set(_Without(sorted(gone))(batch)["__key__"].to_pylist()) == expected - gone
