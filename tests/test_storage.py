@@ -180,7 +180,8 @@ def test_pipeline_on_s3_and_pyarrow_reads_the_features(s3, pipeline):
 def test_pipeline_rerun_elsewhere_redoes_nothing_then_probes(s3, pipeline, tmp_path, monkeypatch):
     """The pipeline over the same bucket, from a machine with an empty cache: it fetches what
     the store holds, finds ingest, train and extract up to date (no object changes), and adds
-    the probe's baseline features and the report to the bucket."""
+    the index, dedup and map of the features, the probe's baseline features and the report to
+    the bucket."""
     src, ds, run, feats, *_ = pipeline
     before = {p: objects(s3, p) for p in ("shards", "run", "features")}
     monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "fresh-cache"))
@@ -199,11 +200,23 @@ def test_pipeline_rerun_elsewhere_redoes_nothing_then_probes(s3, pipeline, tmp_p
     assert s["train"]["up_to_date"]
     assert s["extract"]["up_to_date"] and s["extract"]["rows"] == 0
     after = {p: objects(s3, p) for p in before}
-    # the probe's baseline features join the features prefix, and so its listing
+    # the probe's baseline features join the features prefix, and so its listing; the use
+    # stage's index, dedup and map join the version they were made from
     baseline = {k for k in after["features"] if k.startswith("_baseline/")}
-    baseline.add(storage.LISTING)
+    used = {
+        k for k in after["features"] if k.split("/")[2:3] in (["_index"], ["_dedup"], ["_use"])
+    }
+    assert {
+        "versions/000001/_index/index.json",
+        "versions/000001/_dedup/summary.json",
+        "versions/000001/_dedup/exclude.txt",
+        "versions/000001/_use/map.png",
+    } <= used
+    assert s["used"]["index"]["rows"] == 48
     before["features"].pop(storage.LISTING)
-    after["features"] = {k: v for k, v in after["features"].items() if k not in baseline}
+    after["features"] = {
+        k: v for k, v in after["features"].items() if k not in baseline | used | {storage.LISTING}
+    }
     assert after == before
     assert any(k.endswith(".parquet") for k in baseline) and s["probe"]["accuracy"] is not None
     assert s["probe"]["baseline_dir"] == f"{feats}/_baseline/features"
