@@ -155,7 +155,7 @@ def test_flow_run_page_shows_pipeline_artifacts(page, prefect_server, pipeline_r
     expect(main).to_contain_text("featx-pipeline")
 
     page.get_by_role("tab", name="Artifacts").click()
-    for key in ("featx-pipeline", "featx-classes", "featx-ingest"):
+    for key in ("featx-pipeline", "featx-classes", "featx-ingest", "featx-features"):
         expect(main).to_contain_text(key)
     expect(main).to_contain_text("Pipeline report")
     _snap(page, shots, "4-flow-run-artifacts")
@@ -175,3 +175,17 @@ def test_flow_run_page_shows_pipeline_artifacts(page, prefect_server, pipeline_r
     for name in ("red", "blue"):
         expect(page.get_by_role("cell", name=name, exact=True)).to_be_visible()
     _snap(page, shots, "6-classes-table-artifact")
+
+    # The features: the map (and, for images, the neighbour grid) drawn from inline PNGs, and
+    # the near-duplicate summary.
+    page.go_back()
+    _artifact_card(page, "Map of the features").click()
+    expect(main).to_contain_text("Map of")
+    expect(main).to_contain_text("Near-duplicates:")
+    for alt in ("map", "neighbours"):
+        img = main.locator(f"img[alt='{alt}']").first
+        expect(img).to_be_visible()
+        assert img.get_attribute("src").startswith("data:image/png;base64,"), alt
+        size = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+        assert min(size) > 100, (alt, size)  # decoded, not a broken-image icon
+    _snap(page, shots, "7-features-artifact")
