@@ -273,9 +273,10 @@ def step_query(a: dict) -> dict:
     Q = noisy_copies(raw, index.mean, np.full(len(raw), QUERY_NOISE, np.float32), rng)
     segments = zip(index.segments, index.manifest["segments"], strict=True)
     ivf = [ix for ix, s in segments if s["kind"] == "ivf"]
+    default = ivf[0].nprobe if ivf else NPROBE  # what Index.open set: grows with nlist
     index.search(Q[:200], K)  # warm-up
     runs = {}
-    for nprobe in sorted(set(a["nprobes"]) | {NPROBE}):
+    for nprobe in sorted(set(a["nprobes"]) | {default}):
         for ix in ivf:
             ix.nprobe = nprobe
         t = time.perf_counter()
@@ -289,7 +290,7 @@ def step_query(a: dict) -> dict:
         "queries": N_QUERIES,
         "truth_queries": N_TRUTH,
         "k": K,
-        "default_nprobe": NPROBE,
+        "default_nprobe": default,
         "open_s": open_s,
         "segments": len(index.segments),
         "by_nprobe": [
@@ -316,6 +317,12 @@ class _TimedSegment:
 
     def __getattr__(self, name):
         return getattr(self._ix, name)
+
+    def __setattr__(self, name, value):  # nprobe and the like reach the FAISS index
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._ix, name, value)
 
     def range_search(self, *args):
         t = time.perf_counter()
@@ -381,6 +388,7 @@ def step_dedup(a: dict) -> dict:
     import pyarrow.parquet as pq
     from benchlib import Spans
 
+    import featx.dedup as dedup_module
     import featx.index as fx
     from featx.dedup import find_duplicates
 
@@ -393,14 +401,13 @@ def step_dedup(a: dict) -> dict:
     faiss_clock = [0.0]
     init = fx.Index.__init__
 
-    def timed_init(self, *args, **kwargs):  # time FAISS's calls; a different nprobe if asked
+    def timed_init(self, *args, **kwargs):  # time FAISS's calls
         init(self, *args, **kwargs)
-        for i, seg in enumerate(self.manifest["segments"]):
-            if seg["kind"] == "ivf" and a.get("nprobe"):
-                self.segments[i].nprobe = a["nprobe"]
-            self.segments[i] = _TimedSegment(self.segments[i], faiss_clock)
+        self.segments = [_TimedSegment(ix, faiss_clock) for ix in self.segments]
 
     fx.Index.__init__ = timed_init
+    if a.get("nprobe"):  # the cells find_duplicates searches, when not its default
+        dedup_module.DEDUP_NPROBE = a["nprobe"]
     profile = None
     if a.get("profile"):
         import cProfile
@@ -434,7 +441,7 @@ def step_dedup(a: dict) -> dict:
     want = {tuple(sorted(p)) for p in truth["pairs"]}
     got = {k for k in sims if k[0] in sample or k[1] in sample}
     return {
-        "nprobe": a.get("nprobe") or fx.NPROBE,
+        "nprobe": dedup_module.DEDUP_NPROBE,
         "seconds": seconds,
         "index_open_s": round(spans.total("Index.open"), 2),
         "range_search_s": round(spans.total("Index.range_search"), 2),
@@ -688,9 +695,14 @@ def findings(res: dict) -> list[str]:
         s += (
             f". build_index: {b['seconds']:.0f} s ({b['mean_s']:.0f} s for the mean, "
             f"{b['segments_s']:.0f} s in build_segment), peak RSS {bp:.0f} MB = {bp / vec:.1f} x "
-            f"the vectors ({vec:.0f} MB); {marks.get('before_serialize_mb', 0):.0f} MB before "
-            f"faiss.serialize_index, {marks.get('after_serialize_mb', 0):.0f} MB after."
+            f"the vectors ({vec:.0f} MB)"
         )
+        if "before_serialize_mb" in marks:  # a Ray task's segment: serialized to return it
+            s += (
+                f"; {marks['before_serialize_mb']:.0f} MB before faiss.serialize_index, "
+                f"{marks['after_serialize_mb']:.0f} MB after"
+            )
+        s += "."
         dp = d["process"]["peak_rss_mb"]
         s += (
             f" find_duplicates: {d['seconds']:.0f} s ({d['range_search_s']:.0f} s in "
@@ -762,7 +774,7 @@ def main() -> dict:
     ap.add_argument("--planted", type=int, default=1000, help="Near-duplicate pairs planted.")
     ap.add_argument("--nprobes", default="8,16,32,64,128", help="besides featx's default")
     ap.add_argument(
-        "--dedup-nprobes", default="4,8", help="find_duplicates again at these nprobe ('': not)"
+        "--dedup-nprobes", default="4,32", help="find_duplicates again at these nprobe ('': not)"
     )
     ap.add_argument("--truth-sample", type=int, default=5000, help="rows whose pairs are checked")
     ap.add_argument("--compare-rows", type=int, default=200_000)
