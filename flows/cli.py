@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.table import Table
 
 from featx.cli_parts import RAY_ENV, acc, config_command, console, parse
@@ -58,7 +59,7 @@ def demo(
         # the labels stay in the shards for the probe; contrastive training never reads them
         runs.append(
             (
-                "audio, no labels (contrastive)",
+                "audio, no labels",
                 {
                     "src": REPO_DATA / "audio",
                     "workdir": out / "audio-contrastive",
@@ -71,23 +72,38 @@ def demo(
     for name, values in runs:
         s = pipeline_flow(parse(PipelineConfig, {**values, "model": model}))
         rows.append((name, s["features"], s["probe"], s["report"], s.get("used")))
-    t = Table(title="featx demo: linear-probe accuracy on val")
-    cols = ("data", "trained features", "random-init", "classic", "majority", "near-duplicates")
+    t = Table(
+        title="featx demo: linear-probe accuracy on val",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    # short headers: the table fits an 80-column terminal; the notes below it say the rest
+    cols = ("data", "featx", "random init", "classic", "majority", "near-dups")
     for col in cols:
-        t.add_column(col)
+        t.add_column(col, no_wrap=True)
+    kinds = {}
     for name, _, probe, _, used in rows:
-        kind = probe.get("classic_features")
+        if probe.get("classic_features") not in (None, *kinds.values()):
+            kinds[name] = probe["classic_features"]
         clean = probe.get("without_excluded")
         dd = used["dedup"] if used else None
         t.add_row(
             name,
-            acc(probe["accuracy"]) + (f" ({acc(clean['accuracy'])} without)" if clean else ""),
+            acc(probe["accuracy"]) + (f" ({acc(clean['accuracy'])})" if clean else ""),
             acc(probe.get("baseline_accuracy")),
-            acc(probe.get("classic_accuracy")) + (f" ({kind})" if kind else ""),
+            acc(probe.get("classic_accuracy")),
             acc(probe["majority_accuracy"]),
-            f"{dd['pairs']} pairs, {sum(dd['leaking'].values())} leaking" if dd else "-",
+            f"{dd['pairs']} ({sum(dd['leaking'].values())} leak)" if dd else "-",
         )
     console.print(t)
+    console.print(
+        "featx: the trained features (in brackets: without the near-duplicates that leak "
+        "across splits); random init: the same model untrained; classic: "
+        + "; ".join(f"{n}: {k}" for n, k in kinds.items())
+        + ". 'audio, no labels' learnt without the labels (contrastive); the probe reads them.",
+        soft_wrap=False,
+    )
     for name, features, _, report, used in rows:
         console.print(f"[bold]{name}[/]: features {features}/current/ (Parquet), report {report}")
         if used:
