@@ -114,16 +114,25 @@ def test_two_views_of_an_image_batch_differ_and_repeat_from_a_seed():
     assert torch.isfinite(batch["x"]).all()
 
 
-def test_two_views_of_audio_are_cropped_and_padded_to_one_width():
+def test_two_views_of_audio_change_speed_are_cropped_and_padded_to_one_width():
+    from featx.batching import VIEW_KEEP, VIEW_SPEED
+
+    n = [1600 + 10 * i for i in range(20)]
     samples = [
-        {"__key__": f"k{i}", "audio": np.sin(np.arange(1600 + 100 * i) / 5).astype(np.float32)}
-        for i in range(3)
+        {"__key__": f"k{i}", "audio": np.sin(np.arange(m) / 5).astype(np.float32)}
+        for i, m in enumerate(n)
     ]
     batch = make_collate("audio", augment=True, seed=0, views=2)(samples)
-    assert batch["x"].shape[0] == 6 and batch["labels"] is None
-    lengths = batch["lengths"].tolist()
-    assert all(n <= 1800 for n in lengths) and min(lengths) < 1600  # crops shorten
-    assert batch["x"].shape[1] == max(lengths)
+    assert batch["x"].shape[0] == 40 and batch["labels"] is None
+    lengths = batch["lengths"].numpy()
+    assert batch["x"].shape[1] == lengths.max()
+    # a view is its clip at a speed of its own, cropped to VIEW_KEEP of that: slowed views are
+    # longer than the clip, sped-up and cropped ones shorter, within the bounds of both
+    share = lengths / np.array(n * 2)
+    assert share.min() >= VIEW_KEEP[0] / (1 + VIEW_SPEED) - 0.01
+    assert share.max() <= 1 / (1 - VIEW_SPEED) + 0.01
+    assert share.max() > 1.05 and share.min() < 0.85
+    assert (lengths[:20] != lengths[20:]).all()  # the two views of a clip differ
 
 
 def test_monitors_tell_collapsed_features_from_spread_ones():

@@ -11,6 +11,8 @@ Each builder writes a class-folder tree `OUT/<name>/<label>/<file>` that `featx 
 - `spoken_digits`: "zero" to "nine" spoken by espeak-ng's English voices and voice variants
   (Debian package `espeak-ng`), at speeds and pitches of their own, stored at sample rates from
   8 to 44.1 kHz with a little background noise.
+- `spoken_words`: ten everyday words of one to three syllables ("apple" to "jacket"), made as
+  `spoken_digits` is: a second audio corpus, so that a change to audio is not tuned to digits.
 
 Every choice is seeded, so a corpus is the same on every run with the same packages.
 
@@ -33,13 +35,14 @@ from pathlib import Path
 import numpy as np
 
 SEED = 20261202
-CORPORA = ("digits", "glyphs", "docstrings", "debian", "spoken_digits")
+CORPORA = ("digits", "glyphs", "docstrings", "debian", "spoken_digits", "spoken_words")
 MODALITY = {
     "digits": "image",
     "glyphs": "image",
     "docstrings": "text",
     "debian": "text",
     "spoken_digits": "audio",
+    "spoken_words": "audio",
 }
 
 
@@ -231,6 +234,8 @@ def build_debian(out: Path, per_class: int = 250, max_words: int = 60) -> dict:
 # audio
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+WORDS = ("apple", "bridge", "candle", "dolphin", "engine", "forest", "guitar", "harbour", "island")
+WORDS += ("jacket",)
 _VOICES = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbcwmd")
 _VARIANTS = ("m1", "m3", "m5", "f1", "f2", "f4")
 _RATES = (8000, 11025, 16000, 22050, 32000, 44100)
@@ -248,13 +253,15 @@ def _espeak(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, 
     return data, rate
 
 
-def build_spoken_digits(out: Path, words: tuple[str, ...] = DIGIT_WORDS) -> dict:
+def build_spoken_digits(
+    out: Path, words: tuple[str, ...] = DIGIT_WORDS, name: str = "spoken_digits"
+) -> dict:
     import soundfile as sf
     import soxr
 
     if shutil.which("espeak-ng") is None:
-        raise RuntimeError("spoken_digits needs espeak-ng: apt-get install espeak-ng")
-    root = _fresh(out / "spoken_digits")
+        raise RuntimeError(f"{name} needs espeak-ng: apt-get install espeak-ng")
+    root = _fresh(out / name)
     speakers = [(v, var) for v in _VOICES for var in _VARIANTS]  # 36 voices
     for w, word in enumerate(words):
         folder = root / str(w)
@@ -280,6 +287,7 @@ BUILDERS = {
     "docstrings": build_docstrings,
     "debian": build_debian,
     "spoken_digits": build_spoken_digits,
+    "spoken_words": lambda out: build_spoken_digits(out, WORDS, "spoken_words"),
 }
 
 
