@@ -360,7 +360,7 @@ class TrainConfig(StageConfig):
         return self.model_copy(
             update={
                 "batch_size": batch,
-                "epochs": self.epochs or auto_epochs(n_train, self.workers, batch),
+                "epochs": self.epochs or auto_epochs(n_train, self.workers, batch, contrastive),
                 "lr": self.lr if self.lr is not None else default_lr(self.model),
             }
         )

@@ -103,6 +103,11 @@ MIN_EPOCHS, MIN_STEPS, MAX_AUTO_EPOCHS = 20, 500, 100
 # A contrastive loss takes its negatives from the batch: every worker's batch of 32 (64 views)
 # is the floor, whatever the dataset's size.
 CONTRASTIVE_MIN_BATCH, CONTRASTIVE_MAX_BATCH = 32, 128
+# and it learns more slowly than a supervised loss: on Debian descriptions (1,577 train texts,
+# 25 steps an epoch) allowing 100 epochs instead of 20 lifted the contrastive features' probe
+# from 0.340 / 0.438 / 0.457 to 0.366 / 0.471 / 0.515 (cnn / rnn / attention; runs stopped at
+# 50-64 epochs). So a contrastive run gets enough epochs for CONTRASTIVE_MIN_STEPS steps.
+CONTRASTIVE_MIN_STEPS = 2500
 
 
 def auto_batch_size(n_train: int, workers: int, contrastive: bool = False) -> int:
@@ -113,7 +118,8 @@ def auto_batch_size(n_train: int, workers: int, contrastive: bool = False) -> in
     return max(low, min(high, n_train // (workers * MIN_STEPS_PER_EPOCH)))
 
 
-def auto_epochs(n_train: int, workers: int, batch_size: int) -> int:
+def auto_epochs(n_train: int, workers: int, batch_size: int, contrastive: bool = False) -> int:
     """The most epochs `featx train` runs when none is given (early stopping ends sooner)."""
     steps = max(1, math.ceil(n_train / (workers * batch_size)))
-    return max(MIN_EPOCHS, min(MAX_AUTO_EPOCHS, math.ceil(MIN_STEPS / steps)))
+    least = CONTRASTIVE_MIN_STEPS if contrastive else MIN_STEPS
+    return max(MIN_EPOCHS, min(MAX_AUTO_EPOCHS, math.ceil(least / steps)))

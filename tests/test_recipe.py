@@ -93,6 +93,21 @@ def test_batch_size_and_epochs_follow_the_data(n_train, workers, batch, epochs):
     assert auto_epochs(n_train, workers, batch) == epochs
 
 
+@pytest.mark.parametrize(
+    ("n_train", "batch", "epochs"),
+    [
+        (1577, 32, 100),  # Debian descriptions: 25 steps an epoch, the cap of 100 epochs
+        (5_000, 78, 76),  # 33 steps an epoch: 2500 steps in 76 epochs
+        (20_000, 128, 32),  # 79 steps an epoch: 2500 steps in 32 epochs
+        (100_000, 128, 20),  # 391 steps an epoch: 2500 steps in 7 epochs, the least is 20
+    ],
+)
+def test_contrastive_runs_get_more_steps_than_supervised_ones(n_train, batch, epochs):
+    assert auto_batch_size(n_train, 2, contrastive=True) == batch
+    assert auto_epochs(n_train, 2, batch, contrastive=True) == epochs
+    assert auto_epochs(n_train, 2, batch) <= epochs  # supervised: 500 steps at least
+
+
 def test_train_config_resolves_defaults_from_the_data_and_keeps_what_was_given(tmp_path):
     card = {"counts": {"train": {"total": 224}}}
     cfg = TrainConfig.parse(dataset=tmp_path, out=tmp_path / "run", model="rnn")
