@@ -336,8 +336,7 @@ class Batcher:
         """
         rng = self._random()
         n = wave.size
-        rate = rng.uniform(1.0 - AUDIO_SPEED, 1.0 + AUDIO_SPEED)
-        stretched = np.interp(np.arange(0.0, n, rate)[:n], np.arange(n), wave)
+        stretched = _speed(wave, rng.uniform(1.0 - AUDIO_SPEED, 1.0 + AUDIO_SPEED))[:n]
         out = np.zeros(n)
         out[: stretched.size] = stretched
         limit = int(AUDIO_SHIFT * n)
@@ -360,10 +359,14 @@ class Batcher:
         longer), a random crop in time and a gain change."""
         rng = self._random()
         gain = 10 ** (rng.uniform(-VIEW_GAIN_DB, VIEW_GAIN_DB) / 20)
-        n = wave.size
-        rate = rng.uniform(1.0 - VIEW_SPEED, 1.0 + VIEW_SPEED)
-        wave = np.interp(np.arange(0.0, n, rate), np.arange(n), wave).astype(np.float32)
+        wave = _speed(wave, rng.uniform(1.0 - VIEW_SPEED, 1.0 + VIEW_SPEED))
         return np.clip(wave[self._crop(wave.size)] * gain, -1.0, 1.0).astype(np.float32)
+
+
+def _speed(wave: np.ndarray, rate: float) -> np.ndarray:
+    """`wave` played `rate` times as fast (tempo and pitch together): 1/rate times as long."""
+    n = wave.size
+    return np.interp(np.arange(0.0, n, rate), np.arange(n), wave)
 
 
 def _stack_views(a: tuple, b: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:

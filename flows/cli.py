@@ -97,13 +97,18 @@ def demo(
             f"{dd['pairs']} ({sum(dd['leaking'].values())} leak)" if dd else "-",
         )
     console.print(t)
-    console.print(
-        "featx: the trained features (in brackets: without the near-duplicates that leak "
-        "across splits); random init: the same model untrained; classic: "
-        + "; ".join(f"{n}: {k}" for n, k in kinds.items())
-        + ". 'audio, no labels' learnt without the labels (contrastive); the probe reads them.",
-        soft_wrap=False,
-    )
+    notes = [
+        "featx: the trained features (in brackets: without the near-duplicates that leak across "
+        "splits)",
+        "random init: the same model untrained",
+    ]
+    if kinds:
+        notes.append("classic: " + "; ".join(f"{n}: {k}" for n, k in kinds.items()))
+    if contrastive:
+        notes.append(
+            "'audio, no labels' learnt without the labels (contrastive); the probe reads them"
+        )
+    console.print("; ".join(notes) + ".")
     for name, features, _, report, used in rows:
         console.print(f"[bold]{name}[/]: features {features}/current/ (Parquet), report {report}")
         if used:

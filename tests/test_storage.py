@@ -203,7 +203,8 @@ def test_pipeline_rerun_elsewhere_redoes_nothing_then_probes(s3, pipeline, tmp_p
     # the probe's baseline features join the features prefix, and so its listing; the use
     # stage's index, dedup and map join the version they were made from
     baseline = {k for k in after["features"] if k.startswith("_baseline/")}
-    used = {k for k in after["features"] if k.split("/")[2:3] in (["_index"], ["_dedup"], ["_use"])}
+    made = ("_index", "_dedup", "_use")
+    used = {k for k in after["features"] if k.startswith("versions/") and k.split("/")[2] in made}
     assert {
         "versions/000001/_index/index.json",
         "versions/000001/_dedup/summary.json",
