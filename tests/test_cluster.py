@@ -36,6 +36,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _session_members(sid: int) -> list[int]:
+    """Live processes in session `sid` (zombies, already dead, excluded)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # the command name, in parentheses, may hold spaces: split after its closing one
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+    return found
+
+
 class Network:
     """A bridge with the head's address, and one network namespace per worker node on it."""
 
@@ -167,10 +179,23 @@ class LocalCluster:
         )
 
     def kill(self, name: str) -> None:
-        """SIGKILL a node's whole process tree (raylet, workers, agents), as a lost machine."""
+        """SIGKILL every process of a node (raylet, agents, workers), as a lost machine.
+
+        The node was started in a session of its own; its Ray workers each run in a process
+        group of their own within that session, so killing the node's process group alone
+        would leave them running (and a "lost" node's training rank would carry on).
+        """
         proc = self.nodes.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for _ in range(20):
+            members = _session_members(proc.pid)
+            if not members:
+                break
+            for pid in members:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"processes of node {name} survived SIGKILL: {members}")
         proc.wait(timeout=30)
 
     def _nodes(self, expr: str):
