@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from featx.models import MODALITIES, PRESETS, LogMel, create_model, list_models, mel_filterbank
+from featx.models import (
+    MODALITIES,
+    PRESETS,
+    LogMel,
+    create_model,
+    list_models,
+    mel_filterbank,
+)
 
 VOCAB = 50
 COMBOS = [(name, modality) for name in list_models() for modality in MODALITIES]
@@ -175,6 +182,8 @@ def test_overrides_change_the_architecture():
     model = build("rnn", "text", cell="lstm", hidden=16, bidirectional=False)
     assert isinstance(model.encoder.rnn, torch.nn.LSTM)
     assert model.feature_dim == 16
+    # the encoder's 16 pooled features, then the mean of the 64-wide token embeddings
+    assert build("rnn", "text", hidden=16, bidirectional=False, token_mean=True).feature_dim == 80
     assert model.config["cell"] == "lstm"
     cnn = build("cnn", "image", widths=(8, 12))
     assert cnn.feature_dim == 12 and cnn.config["widths"] == [8, 12]
@@ -288,3 +297,19 @@ def test_pure_tone_peaks_in_its_mel_bin(freq):
     top = 2595.0 * math.log10(1 + sr / 2 / 700)
     step = top / (n_mels + 1)
     assert peak * step < mel < (peak + 2) * step
+
+
+@pytest.mark.parametrize("name", ["cnn", "rnn", "attention"])
+def test_text_features_count_every_token(name):
+    """The token-mean part of text features changes with any one word of a text, wherever it
+    is: a repeated word moves it, which max pooling alone cannot see."""
+    model = build(name, "text", token_mean=True).eval()
+    once = torch.tensor([[5, 6, 7, 0]])
+    twice = torch.tensor([[5, 6, 7, 7]])
+    with torch.no_grad():
+        a = model.forward_features(once, torch.tensor([3]))
+        b = model.forward_features(twice, torch.tensor([4]))
+    bag = model.stem.embed.embedding_dim
+    expected = model.stem.embed.weight[[5, 6, 7, 7]].mean(0)
+    assert torch.allclose(b[0, -bag:], expected, atol=1e-6)
+    assert not torch.allclose(a[0, -bag:], b[0, -bag:])

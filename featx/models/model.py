@@ -58,7 +58,13 @@ class FeatureModel(nn.Module):
         super().__init__()
         self.stem = stem
         self.encoder = encoder
-        self.feature_dim: int = encoder.feature_dim
+        # Text with `token_mean`: the features also hold the mean of the token embeddings (a
+        # bag of words the model learns), beside what the encoder pools. Max or attention
+        # pooling keeps a few telling steps and loses the rest of a short text's words.
+        self.token_mean = modality == "text" and bool(config.get("token_mean"))
+        self.feature_dim: int = encoder.feature_dim + (
+            stem.embed.embedding_dim if self.token_mean else 0
+        )
         self.head_drop = nn.Dropout(dropout)
         self.head = nn.Linear(self.feature_dim, num_classes)
         self.model_name = model_name
@@ -69,8 +75,11 @@ class FeatureModel(nn.Module):
     def forward_features(
         self, x: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> torch.Tensor:
-        h, lengths = self.stem(x, lengths)
-        return self.encoder(h, lengths)
+        h, steps = self.stem(x, lengths)
+        features = self.encoder(h, steps)
+        if self.token_mean:
+            features = torch.cat([features, masked_mean(self.stem.embed(x), steps)], dim=1)
+        return features
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         # Raw logits: cross-entropy wants them unbounded, so no activation after the head.

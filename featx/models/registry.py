@@ -22,6 +22,10 @@ _BUILDERS: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {}
 # name -> check(cfg) -> list of problems, for constraints a type check cannot see
 _CHECKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
+# Fields every family has, beside its preset's. token_mean: text features also hold the mean
+# of the token embeddings (`FeatureModel`); contrastive training turns it on. Image and audio
+# models ignore it.
+COMMON: dict[str, Any] = {"token_mean": False}
 # name -> the peak learning rate the family trains best at (measured; `featx train --lr` wins)
 _LRS: dict[str, float] = {}
 
@@ -111,7 +115,7 @@ def create_model(
     if preset not in PRESETS[name]:
         known = ", ".join(PRESETS[name])
         raise ValueError(f"unknown preset {preset!r} for model {name!r}; known presets: {known}")
-    base = PRESETS[name][preset]
+    base = {**COMMON, **PRESETS[name][preset]}
     unknown = sorted(set(overrides) - set(base))
     if unknown:
         raise ValueError(
