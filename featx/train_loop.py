@@ -205,15 +205,14 @@ def setup_model(
     model config), the architecture that checkpoint was trained with."""
     from featx.models import create_model
 
+    torch.manual_seed(cfg.seed)
     if saved:
         return create_model(**saved)
-
     vocab = None
     if tokenizer:
         from tokenizers import Tokenizer
 
         vocab = Tokenizer.from_file(tokenizer).get_vocab_size()
-    torch.manual_seed(cfg.seed)
     return create_model(
         cfg.model,
         card["modality"],
@@ -224,7 +223,7 @@ def setup_model(
         sample_rate=card["normalisation"].get("sample_rate", 16000),
         # without labels, max or attention pooling alone left text features under a bag of
         # random word vectors; with labels the token mean cost the sample text 0.85 -> 0.45
-        token_mean=cfg.objective != "supervised",
+        token_mean=card["modality"] == "text" and cfg.objective != "supervised",
     )
 
 

@@ -301,15 +301,45 @@ def test_pure_tone_peaks_in_its_mel_bin(freq):
 
 @pytest.mark.parametrize("name", ["cnn", "rnn", "attention"])
 def test_text_features_count_every_token(name):
-    """The token-mean part of text features changes with any one word of a text, wherever it
-    is: a repeated word moves it, which max pooling alone cannot see."""
+    """The token-mean part of text features is the mean of the valid tokens' embeddings: a
+    repeated word moves it, a token past the length does not."""
     model = build(name, "text", token_mean=True).eval()
-    once = torch.tensor([[5, 6, 7, 0]])
-    twice = torch.tensor([[5, 6, 7, 7]])
-    with torch.no_grad():
-        a = model.forward_features(once, torch.tensor([3]))
-        b = model.forward_features(twice, torch.tensor([4]))
     bag = model.stem.embed.embedding_dim
-    expected = model.stem.embed.weight[[5, 6, 7, 7]].mean(0)
-    assert torch.allclose(b[0, -bag:], expected, atol=1e-6)
-    assert not torch.allclose(a[0, -bag:], b[0, -bag:])
+    weight = model.stem.embed.weight
+    with torch.no_grad():
+        once = model.forward_features(torch.tensor([[5, 6, 7, 9]]), torch.tensor([3]))
+        twice = model.forward_features(torch.tensor([[5, 6, 7, 7]]), torch.tensor([4]))
+        assert torch.allclose(once[0, -bag:], weight[[5, 6, 7]].mean(0), atol=1e-6)
+        assert torch.allclose(twice[0, -bag:], weight[[5, 6, 7, 7]].mean(0), atol=1e-6)
+    assert model.feature_dim == model.encoder.feature_dim + bag == once.shape[1]
+
+
+def test_token_mean_is_for_text_only():
+    for modality in ("image", "audio"):
+        plain, with_mean = build("cnn", modality), build("cnn", modality, token_mean=True)
+        assert with_mean.feature_dim == plain.feature_dim
+
+
+def test_training_sets_token_mean_for_contrastive_text_and_resumes_what_was_saved(tmp_path):
+    from types import SimpleNamespace
+
+    from featx.tokenizer import fit_tokenizer
+    from featx.train_loop import setup_model
+
+    tok = tmp_path / "tokenizer.json"
+    fit_tokenizer(["a small text about cats", "another text about dogs"] * 5, 300, tok)
+    text = {"modality": "text", "classes": ["cats", "dogs"], "normalisation": {}}
+    image = {"modality": "image", "classes": ["a", "b"], "normalisation": {}}
+
+    def cfg(objective):
+        return SimpleNamespace(model="cnn", preset="small", seed=0, objective=objective)
+
+    contrastive = setup_model(cfg("contrastive"), text, str(tok))
+    supervised = setup_model(cfg("supervised"), text, str(tok))
+    assert contrastive.token_mean and not supervised.token_mean
+    assert not setup_model(cfg("contrastive"), image, None).token_mean
+    # a checkpoint saved before the field existed resumes with the architecture it was built with
+    saved = {k: v for k, v in supervised.config.items() if k != "token_mean"}
+    resumed = setup_model(cfg("contrastive"), text, str(tok), saved=saved)
+    resumed.load_state_dict(supervised.state_dict())
+    assert resumed.feature_dim == supervised.feature_dim
