@@ -7,6 +7,7 @@ arguments, so they run (and are tested) without Ray or a process group.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -48,34 +49,35 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     tokenizer = storage.local_path(config["tokenizer"]) if config.get("tokenizer") else None
+    from featx.checkpoint import load_meta
+
     checkpoint = ray.train.get_checkpoint()
-    saved = None  # a resumed run rebuilds the architecture it started with
-    if checkpoint:
-        from featx.checkpoint import load_meta
+    with contextlib.ExitStack() as stack:
+        # A resumed run opens its checkpoint once (an object store's is downloaded): for the
+        # architecture it started with, then for the state it left.
+        folder = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
+        model = setup_model(cfg, card, tokenizer, load_meta(folder)["model"] if folder else None)
+        contrastive = cfg.objective != "supervised"
+        min_epochs = earliest_stop(cfg.objective, cfg.epochs)
+        if contrastive:  # the projection head trains with the model; extraction never sees it
+            from featx.contrastive import ContrastiveNet
 
-        with checkpoint.as_directory() as d:
-            saved = load_meta(Path(d))["model"]
-    model = setup_model(cfg, card, tokenizer, saved)
-    contrastive = cfg.objective != "supervised"
-    min_epochs = earliest_stop(cfg.objective, cfg.epochs)
-    if contrastive:  # the projection head trains with the model; extraction never sees it
-        from featx.contrastive import ContrastiveNet
-
-        model = ContrastiveNet(model)
-    steps_per_epoch = max(1, math.ceil(card["counts"]["train"]["total"] / world / cfg.batch_size))
-    optimizer, scheduler = setup_optimizer(
-        model, cfg.lr, cfg.weight_decay, cfg.warmup, steps_per_epoch * cfg.epochs
-    )
-    start_epoch, history = 0, []
-    if config.get("warm_start") and not checkpoint:
-        loaded = warm_start(features_of(model), storage.local_path(config["warm_start"]))
-        if rank == 0:
-            log.info("warm start: %d of %d tensors from the previous version", *loaded)
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            start_epoch, history = restore(Path(d), model, optimizer, scheduler)
-        if rank == 0:
-            log.info("resuming from the checkpoint of epoch %d", start_epoch)
+            model = ContrastiveNet(model)
+        steps_per_epoch = max(
+            1, math.ceil(card["counts"]["train"]["total"] / world / cfg.batch_size)
+        )
+        optimizer, scheduler = setup_optimizer(
+            model, cfg.lr, cfg.weight_decay, cfg.warmup, steps_per_epoch * cfg.epochs
+        )
+        start_epoch, history = 0, []
+        if config.get("warm_start") and not folder:
+            loaded = warm_start(features_of(model), storage.local_path(config["warm_start"]))
+            if rank == 0:
+                log.info("warm start: %d of %d tensors from the previous version", *loaded)
+        if folder:
+            start_epoch, history = restore(folder, model, optimizer, scheduler)
+            if rank == 0:
+                log.info("resuming from the checkpoint of epoch %d", start_epoch)
     ddp = prepare_model(model)
     net = ddp.module if hasattr(ddp, "module") else ddp
     data = setup_data(cfg.loader, card, cfg.dataset, splits, cfg.batch_size, device)
