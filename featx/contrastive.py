@@ -41,17 +41,42 @@ class ContrastiveNet(nn.Module):
         return self.projector(self.model.forward_features(x, lengths))
 
 
+class _Gather(torch.autograd.Function):
+    """all_gather with a backward: each rank gets the gradient of its own rows, summed over
+    every rank's loss (the gathered gradient all-reduced, then this rank's slice).
+
+    Plain `dist.all_gather_single` and `dist.all_reduce`, which gloo and NCCL both run
+    synchronously. torch's functional collective (`all_gather_tensor_autograd`) corrupted the
+    heap of gloo ranks: "free(): invalid pointer" or "malloc(): unaligned tcache chunk" after
+    some 10^4 steps, outside Ray too (`tests/benchmarks/stress_gather.py`); and
+    `torch.distributed.nn.functional.all_gather` is deprecated.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        out = z.new_empty((world * z.shape[0], *z.shape[1:]))
+        # torch 2.13 renamed all_gather_into_tensor (now a deprecated alias of the same call)
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        all_gather(out, z.contiguous())
+        ctx.rows = z.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # all_reduce sums in place: on a copy, never on a buffer autograd may still hold
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
 def gather(z: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of `z`, concatenated in rank order, with gradients flowing back to each
-    rank's own rows (torch.distributed.nn's all_gather); `z` alone without a process group."""
+    rank's own rows; `z` alone without a process group. Every rank must pass the same shape."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z
-    import torch.distributed._functional_collectives as fc
-
-    # The functional collective's backward sends each rank the gradient of its own rows, summed
-    # over every rank's loss. torch renamed it (2.13 warns on the old name); both are the same.
-    all_gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
-    return all_gather(z.contiguous(), 0, dist.group.WORLD)
+    return _Gather.apply(z)
 
 
 def pad_views(z: torch.Tensor, n: int, size: int) -> torch.Tensor:
