@@ -207,8 +207,9 @@ def _executor(workers: int, initargs: tuple) -> ProcessPoolExecutor:
     the workers' two cores), and a Pool whose worker is killed waits forever for its task."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["featx.normalize"])
+    # with this process's pid: its workers leave if it is killed outright (N._exit_with)
     return ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=N.init_worker, initargs=initargs
+        workers, mp_context=ctx, initializer=N.init_worker, initargs=(*initargs, os.getpid())
     )
 
 

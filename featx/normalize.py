@@ -14,7 +14,10 @@ import hashlib
 import io
 import json
 import os
+import select
 import tempfile
+import threading
+import time
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -211,10 +214,39 @@ def process_raw(raw: bytes, path: str | None, modality: str, p: Params):
 _worker: tuple[Params, Layout] | None = None
 
 
-def init_worker(params: Params, layout: Layout) -> None:
-    """Pool initializer: the arguments every call of `work` shares."""
+def init_worker(params: Params, layout: Layout, parent: int | None = None) -> None:
+    """Pool initializer: the arguments every call of `work` shares. With `parent` (the pid of
+    the process that made the pool), the worker leaves when that process is gone."""
     global _worker
     _worker = (params, layout)
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """Return never; end this process when process `parent` ends. A pool's workers wait for
+    work on a queue whose both ends they hold, so a parent killed outright (SIGKILL, the OOM
+    killer) would leave them, and the forkserver that made them, waiting for good."""
+    try:
+        fd = os.pidfd_open(parent)  # Linux: readable once the process has ended
+    except (AttributeError, OSError):  # other systems, or the parent is already gone
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        while _alive(parent):
+            time.sleep(1.0)
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: the pid was reused, ours is gone
+        return False
+    return True
 
 
 def work(arg: tuple):

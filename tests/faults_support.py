@@ -211,9 +211,10 @@ def sigkill(pid: int) -> bool:
         return False
 
 
-def kill_and_reap(proc: subprocess.Popen | int) -> bool:
+def kill_and_reap(proc: subprocess.Popen | int, *, children_end: bool = False) -> bool:
     """SIGKILL one process, not its children (they are orphaned, as after a real kill), then
-    make sure none of them outlives the test. True when the kill hit a running process."""
+    make sure none of them outlives the test. True when the kill hit a running process. With
+    `children_end`, fail unless every child ended by itself within 10 s."""
     import psutil
 
     pid = proc if isinstance(proc, int) else proc.pid
@@ -232,9 +233,12 @@ def kill_and_reap(proc: subprocess.Popen | int) -> bool:
             proc.kill()
         hit = proc.wait(30) == -9 and hit
     _, alive = psutil.wait_procs(kids, timeout=10)
+    left = []
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
+            left.append(" ".join(p.cmdline())[:120])
             p.kill()
+    assert not (children_end and left), f"the killed process left {len(left)} behind: {left}"
     return hit
 
 

@@ -354,7 +354,8 @@ def _ingest_here(src: Path, out: Path, args: list[str]) -> None:
 
 def test_ingest_sigkill_at_seeded_moments_resumes_byte_identical(tmp_path, fault_figures):
     """SIGKILL `featx ingest` at 5+ seeded moments while it writes shards (each run resumes the
-    last); a final run gives the uninterrupted run's shards byte for byte, every sample once."""
+    last); a final run gives the uninterrupted run's shards byte for byte, every sample once,
+    and no killed run leaves a process behind."""
     src, ref, out = tmp_path / "src", tmp_path / "ref", tmp_path / "out"
     _bmp_images(src, 600)
     (src / "c0" / "zz_broken.bmp").write_bytes(b"BM" + bytes(100))  # rejected on every run
@@ -379,7 +380,8 @@ def test_ingest_sigkill_at_seeded_moments_resumes_byte_identical(tmp_path, fault
 
         wait_for(progressed, 60, "ingest to start writing", log=log, every=0.005)
         time.sleep(rng.uniform(0.0, 0.2))  # the seeded random moment, once writing has begun
-        if kill_and_reap(proc):
+        # its decoding processes and their forkserver end with it, not idle for good
+        if kill_and_reap(proc, children_end=True):
             kills += 1
         elif proc.returncode == 0:
             break  # finished before the moment came: nothing left to kill
