@@ -47,8 +47,8 @@ class _Gather(torch.autograd.Function):
 
     Plain `dist.all_gather_single` and `dist.all_reduce`, which gloo and NCCL both run
     synchronously. torch's functional collective (`all_gather_tensor_autograd`) corrupted the
-    heap of gloo ranks: "free(): invalid pointer" or "malloc(): unaligned tcache chunk" after
-    some 10^4 steps, outside Ray too (`tests/benchmarks/stress_gather.py`); and
+    heap of gloo ranks: "free(): invalid pointer" or "malloc(): unaligned tcache chunk" within
+    5,000-16,000 steps, outside Ray too (`tests/benchmarks/stress_gather.py`); and
     `torch.distributed.nn.functional.all_gather` is deprecated.
     """
 

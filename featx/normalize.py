@@ -242,9 +242,7 @@ def _exit_with(parent: int) -> None:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: the pid was reused, ours is gone
+    except (ProcessLookupError, PermissionError):  # gone, or its pid reused by someone else
         return False
     return True
 
