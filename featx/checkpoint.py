@@ -134,14 +134,14 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.
     import torch
 
     from featx import storage
-    from featx.models import create_model
+    from featx.models import rebuild_model
 
     folder = resolve_model_dir(folder)
     if storage.is_uri(folder):
         folder = storage.local_copy(folder)
     meta = load_meta(folder)
     verify(folder, meta)
-    model = create_model(**meta["model"])
+    model = rebuild_model(meta["model"])
     state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.to(device).eval()

@@ -322,7 +322,7 @@ def _random_model(folder: Path, manifest: dict, dataset: Path, seed: int) -> Pat
     from featx import storage
     from featx.checkpoint import META_FILE, load_meta, save_model_dir
     from featx.dataset import load_card
-    from featx.models import create_model
+    from featx.models import rebuild_model
 
     source = storage.location(manifest["model_dir"])
     if storage.is_uri(source):
@@ -332,7 +332,7 @@ def _random_model(folder: Path, manifest: dict, dataset: Path, seed: int) -> Pat
         if meta.get("model") == manifest["model"] and meta.get("baseline_seed") == seed:
             return folder
     torch.manual_seed(seed)
-    model = create_model(**manifest["model"])
+    model = rebuild_model(manifest["model"])
     trained = load_meta(source)
     card = load_card(dataset)
     # Text models must tokenise exactly like the trained model: save_model_dir copies

@@ -205,11 +205,11 @@ def setup_model(
 ) -> torch.nn.Module:
     """The model the card's data needs, seeded by `cfg.seed`; with `saved` (a checkpoint's
     model config), the architecture that checkpoint was trained with."""
-    from featx.models import create_model
+    from featx.models import create_model, rebuild_model
 
     torch.manual_seed(cfg.seed)
     if saved:
-        return create_model(**saved)
+        return rebuild_model(saved)
     vocab = None
     if tokenizer:
         from tokenizers import Tokenizer

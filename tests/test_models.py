@@ -113,6 +113,25 @@ def test_padding_never_changes_features(name, modality):
     assert not torch.allclose(alone_short, alone_long, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["cnn", "rnn", "attention"])
+def test_padding_never_enters_batch_statistics(name):
+    """In training, extra padding changes neither the features nor BatchNorm's running stats."""
+    gen = torch.Generator().manual_seed(1)
+    x, lengths = pad([sample("audio", n, gen) for n in (2345, 5003)])
+    wider = torch.cat([x, torch.zeros(2, 4000)], dim=1)
+    outs, stats = [], []
+    for inputs in (x, wider):
+        torch.manual_seed(0)
+        model = build(name, "audio").train()
+        with torch.no_grad():
+            outs.append(model.forward_features(inputs, lengths))
+        stats.append([b.clone() for n, b in model.named_buffers() if n.endswith("running_var")])
+    assert stats[0], "the model has no BatchNorm: the test would not test anything"
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+    for a, b in zip(*stats, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name,modality", COMBOS)
 def test_seeded_builds_are_identical(name, modality):
     x, lengths = batch(modality)
@@ -343,3 +362,19 @@ def test_training_sets_token_mean_for_contrastive_text_and_resumes_what_was_save
     resumed = setup_model(cfg("contrastive"), text, str(tok), saved=saved)
     resumed.load_state_dict(supervised.state_dict())
     assert resumed.feature_dim == supervised.feature_dim
+
+
+def test_a_config_saved_before_a_field_existed_rebuilds_its_architecture():
+    from featx.models import rebuild_model
+
+    torch.manual_seed(0)
+    before = build("attention", "audio", freq_conv=False).eval()
+    saved = {k: v for k, v in before.config.items() if k != "freq_conv"}
+    rebuilt = rebuild_model(json.loads(json.dumps(saved)))
+    rebuilt.load_state_dict(before.state_dict())  # strict: the convs would be missing keys
+    x, lengths = batch("audio")
+    with torch.no_grad():
+        assert torch.equal(before(x, lengths), rebuilt.eval()(x, lengths))
+    # new audio attention models have the convs, and their config says so
+    assert build("attention", "audio").config["freq_conv"] is True
+    assert rebuild_model(build("attention", "audio").config).stem.conv is not None

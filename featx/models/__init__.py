@@ -14,6 +14,7 @@ from featx.models.registry import (
     create_model,
     default_lr,
     list_models,
+    rebuild_model,
     register_model,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "default_lr",
     "list_models",
     "mel_filterbank",
+    "rebuild_model",
     "register_model",
 ]

@@ -1,5 +1,7 @@
 """Attention family: a pre-norm Transformer encoder over patches, tokens or log-mel frames.
 
+Log-mel frames pass two frequency-halving convs first (`freq_conv`, `AudioStem`).
+
 Sinusoidal positions (no learned table, so every length up to `max_len` is equally trained), key
 padding masks, and attention pooling: a softmax over valid steps weights the outputs into one
 vector.
@@ -97,6 +99,7 @@ _SMALL = {
     "max_len": 2048,
     "patch_size": 8,
     "n_mels": 40,
+    "freq_conv": True,
     "dropout": 0.0,
 }
 _BASE = {
@@ -107,6 +110,7 @@ _BASE = {
     "max_len": 4096,
     "patch_size": 8,
     "n_mels": 64,
+    "freq_conv": True,
     "dropout": 0.1,
 }
 

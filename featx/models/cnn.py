@@ -21,54 +21,7 @@ from torch import nn
 
 from featx.models.model import length_mask
 from featx.models.registry import register_model
-from featx.models.stems import AudioStem, ImageStem, TextStem
-
-
-class MaskedBatchNorm(nn.Module):
-    """BatchNorm whose training statistics count valid steps only (padding never enters them).
-
-    In eval mode it is the usual per-channel affine map with running statistics, so a sample's
-    features do not depend on the batch or its padding. Per-sample norms (LayerNorm over
-    channels, GroupNorm) made the small image CNN unable to learn shapes in a few epochs;
-    batch statistics did not.
-    """
-
-    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm1d(channels, momentum=momentum, eps=eps)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        bn = self.bn
-        if mask is None or not self.training:
-            shape = x.shape
-            y = F.batch_norm(
-                x.reshape(shape[0], shape[1], -1),
-                bn.running_mean,
-                bn.running_var,
-                bn.weight,
-                bn.bias,
-                self.training,
-                bn.momentum,
-                bn.eps,
-            )
-            return y.reshape(shape)
-        # mask: (B, 1, ..., T) of 0/1, broadcastable to x
-        dims = [0, *range(2, x.ndim)]
-        m = mask.to(x.dtype)
-        n = (m.expand_as(x)).sum(dim=dims).clamp(min=1)
-        mean = (x * m).sum(dim=dims) / n
-        var = (((x - _bcast(mean, x)) ** 2) * m).sum(dim=dims) / n
-        with torch.no_grad():
-            unbiased = var * n / (n - 1).clamp(min=1)
-            bn.running_mean.lerp_(mean.detach(), bn.momentum)
-            bn.running_var.lerp_(unbiased.detach(), bn.momentum)
-            bn.num_batches_tracked += 1
-        y = (x - _bcast(mean, x)) / torch.sqrt(_bcast(var, x) + bn.eps)
-        return y * _bcast(bn.weight, x) + _bcast(bn.bias, x)
-
-
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, *([1] * (like.ndim - 2)))
+from featx.models.stems import AudioStem, ImageStem, MaskedBatchNorm, TextStem
 
 
 class ConvBlock(nn.Module):

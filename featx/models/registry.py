@@ -26,6 +26,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
 # of the token embeddings (`FeatureModel`); contrastive training turns it on. Image and audio
 # models ignore it.
 COMMON: dict[str, Any] = {"token_mean": False}
+# Fields added to a family's presets after models were saved, with the value that rebuilds
+# those models: a config without `freq_conv` (rnn, attention) predates the audio convs.
+SAVED_BEFORE: dict[str, Any] = {"freq_conv": False}
 # name -> the peak learning rate the family trains best at (measured; `featx train --lr` wins)
 _LRS: dict[str, float] = {}
 
@@ -89,6 +92,17 @@ def _type_problems(cfg: dict[str, Any], preset: dict[str, Any]) -> list[str]:
                 kind = "a non-empty list of positive ints"
             problems.append(f"{key}={value!r} should be {kind} (preset value: {want!r})")
     return problems
+
+
+def rebuild_model(config: dict[str, Any]) -> FeatureModel:
+    """The architecture of a saved `model.config` (`featx.json`, a checkpoint), weights not loaded.
+
+    Fields the family has gained since the config was saved take the value they had before.
+    """
+    name, preset = config.get("name"), config.get("preset", "small")
+    fields = PRESETS.get(name, {}).get(preset, {})
+    missing = {k: v for k, v in SAVED_BEFORE.items() if k in fields and k not in config}
+    return create_model(**config, **missing)
 
 
 def create_model(

@@ -6,7 +6,8 @@ orthogonal (gradients neither vanish nor explode through the first steps), a lin
 each step's input to its output, and features are the max over valid steps (InferSent's
 pooling: one telling step anywhere counts, where a mean over a long sequence dilutes it).
 Measured on real corpora, each of these lifted the probe: on text from 0.66 to about 0.82 (with
-featx's embedding learning rate), on images from 0.93 to 0.99.
+featx's embedding learning rate), on images from 0.93 to 0.99. Log-mel frames pass two
+frequency-halving convs first (`freq_conv`, `AudioStem`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ _SMALL = {
     "embed_dim": 64,
     "patch_size": 8,
     "n_mels": 40,
+    "freq_conv": True,
     "dropout": 0.0,
 }
 _BASE = {
@@ -91,6 +93,7 @@ _BASE = {
     "embed_dim": 256,
     "patch_size": 8,
     "n_mels": 64,
+    "freq_conv": True,
     "dropout": 0.1,
 }
 
