@@ -323,13 +323,15 @@ def _random_model(folder: Path, manifest: dict, dataset: Path, seed: int) -> Pat
     from featx.checkpoint import META_FILE, load_meta, save_model_dir
     from featx.dataset import load_card
     from featx.models import rebuild_model
+    from featx.models.registry import saved_config
 
     source = storage.location(manifest["model_dir"])
     if storage.is_uri(source):
         source = storage.local_copy(source)
     if (folder / META_FILE).exists():
         meta = json.loads((folder / META_FILE).read_text())
-        if meta.get("model") == manifest["model"] and meta.get("baseline_seed") == seed:
+        same = meta.get("model") == saved_config(manifest["model"])
+        if same and meta.get("baseline_seed") == seed:
             return folder
     torch.manual_seed(seed)
     model = rebuild_model(manifest["model"])

@@ -378,3 +378,20 @@ def test_a_config_saved_before_a_field_existed_rebuilds_its_architecture():
     # new audio attention models have the convs, and their config says so
     assert build("attention", "audio").config["freq_conv"] is True
     assert rebuild_model(build("attention", "audio").config).stem.conv is not None
+
+
+@pytest.mark.parametrize("name", ["cnn", "rnn", "attention"])
+def test_batch_statistics_under_bf16_autocast_match_float32(name):
+    """Mixed precision trains audio models: BatchNorm's masked statistics stay in float32."""
+    gen = torch.Generator().manual_seed(1)
+    x, lengths = pad([sample("audio", n, gen) for n in (2345, 5003)])
+    stats = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = build(name, "audio").train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(x, lengths).float().sum().backward()
+        stats.append([b for n, b in model.named_buffers() if n.endswith("running_mean")])
+    for full, mixed in zip(*stats, strict=True):
+        assert mixed.dtype == torch.float32
+        torch.testing.assert_close(mixed, full, atol=0.05, rtol=0.05)

@@ -2,6 +2,7 @@
 
 `create_model(name, modality, num_classes, preset, **overrides)` builds one; every model has
 `forward_features(x, lengths) -> (B, feature_dim)` and `forward(x, lengths) -> logits`.
+`rebuild_model(model.config)` builds the architecture of a saved model again.
 """
 
 # Importing the family modules registers them.

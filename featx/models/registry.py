@@ -1,8 +1,8 @@
 """timm-style registry: `@register_model` with named presets, `create_model`, `list_models`.
 
 A preset is a flat dict of numbers written in code; `create_model(..., **overrides)` replaces
-fields of it. The resolved fields go into `model.config`, so `create_model(**model.config)` (for
-instance from `featx.json`) rebuilds the same architecture.
+fields of it. The resolved fields go into `model.config`, so `rebuild_model(model.config)` (for
+instance from `featx.json`, also one saved before a field existed) rebuilds the same architecture.
 """
 
 from __future__ import annotations
@@ -94,15 +94,18 @@ def _type_problems(cfg: dict[str, Any], preset: dict[str, Any]) -> list[str]:
     return problems
 
 
+def saved_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved `model.config` with the fields its family gained since, at their former values."""
+    fields = PRESETS.get(config.get("name"), {}).get(config.get("preset", "small"), {})
+    return {**{k: v for k, v in SAVED_BEFORE.items() if k in fields}, **config}
+
+
 def rebuild_model(config: dict[str, Any]) -> FeatureModel:
     """The architecture of a saved `model.config` (`featx.json`, a checkpoint), weights not loaded.
 
-    Fields the family has gained since the config was saved take the value they had before.
+    Use it, not `create_model(**config)`, for configs that may predate a field (`SAVED_BEFORE`).
     """
-    name, preset = config.get("name"), config.get("preset", "small")
-    fields = PRESETS.get(name, {}).get(preset, {})
-    missing = {k: v for k, v in SAVED_BEFORE.items() if k in fields and k not in config}
-    return create_model(**config, **missing)
+    return create_model(**saved_config(config))
 
 
 def create_model(

@@ -48,7 +48,9 @@ class MaskedBatchNorm(nn.Module):
                 bn.eps,
             )
             return y.reshape(shape)
-        # mask: (B, 1, ..., T) of 0/1, broadcastable to x
+        # mask: (B, 1, ..., T) of 0/1, broadcastable to x. Statistics in float32 whatever the
+        # autocast dtype: the running buffers are float32, and bf16 sums lose the mean.
+        dtype, x = x.dtype, x.float()
         dims = [0, *range(2, x.ndim)]
         m = mask.to(x.dtype)
         n = (m.expand_as(x)).sum(dim=dims).clamp(min=1)
@@ -60,7 +62,7 @@ class MaskedBatchNorm(nn.Module):
             bn.running_var.lerp_(unbiased.detach(), bn.momentum)
             bn.num_batches_tracked += 1
         y = (x - _bcast(mean, x)) / torch.sqrt(_bcast(var, x) + bn.eps)
-        return y * _bcast(bn.weight, x) + _bcast(bn.bias, x)
+        return (y * _bcast(bn.weight, x) + _bcast(bn.bias, x)).to(dtype)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
