@@ -296,6 +296,13 @@ class TrainConfig(StageConfig):
     )
     max_failures: int = Field(1, ge=-1, description="Worker failures survived (-1: unlimited).")
     max_tokens: int = Field(256, ge=1, description="Text: most tokens per sample.")
+    text_init: Literal["lsa", "random"] | None = Field(
+        None,
+        description="Text: where token embeddings start. 'lsa': from a latent semantic "
+        "analysis of the train split (the top singular vectors of its tf-idf matrix), so "
+        "tokens that share texts start close; 'random': N(0, 1). Default: lsa for the "
+        "contrastive objectives, random for supervised.",
+    )
     loader: Literal["shards", "ray"] = Field(
         "shards",
         description="How ranks read shards: 'shards' (each rank streams its share with "
@@ -362,6 +369,7 @@ class TrainConfig(StageConfig):
                 "batch_size": batch,
                 "epochs": self.epochs or auto_epochs(n_train, self.workers, batch, contrastive),
                 "lr": self.lr if self.lr is not None else default_lr(self.model),
+                "text_init": self.text_init or ("lsa" if contrastive else "random"),
             }
         )
 

@@ -57,6 +57,10 @@ def train_loop_per_worker(config: dict) -> None:
         # architecture it started with, then for the state it left.
         folder = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
         model = setup_model(cfg, card, tokenizer, load_meta(folder)["model"] if folder else None)
+        fresh = not folder and not config.get("warm_start")
+        # rank 0's start reaches every rank: DDP broadcasts its weights when it wraps the model
+        if fresh and rank == 0 and card["modality"] == "text" and cfg.text_init == "lsa":
+            init_text_embeddings(model, cfg, card, tokenizer, config.get("exclude"))
         contrastive = cfg.objective != "supervised"
         min_epochs = earliest_stop(cfg.objective, cfg.epochs)
         if contrastive:  # the projection head trains with the model; extraction never sees it
@@ -227,6 +231,45 @@ def setup_model(
         # random word vectors; with labels the token mean cost the sample text 0.85 -> 0.45
         token_mean=card["modality"] == "text" and cfg.objective != "supervised",
     )
+
+
+def init_text_embeddings(
+    model: torch.nn.Module, cfg: TrainConfig, card: dict, tokenizer: str, exclude=None
+) -> bool:
+    """Start the token embeddings from an LSA of the train split (`featx.recipe.lsa_embeddings`),
+    reading at most LSA_MAX_TEXTS texts as training batches them; False if the split is too
+    small for it."""
+    import itertools
+
+    from featx.batching import make_collate
+    from featx.recipe import LSA_MAX_TEXTS, lsa_embeddings
+    from featx.train_data import collated, share_of
+
+    embed = model.stem.embed
+    shards = shard_lists(card, cfg.dataset, ["train"])["train"]
+    collate = make_collate("text", tokenizer_path=tokenizer, max_tokens=cfg.max_tokens)
+
+    def texts():
+        samples = share_of(shards, 0, 1, None, 0, frozenset(exclude or ()))
+        for batch in collated(samples, collate, 256):
+            for ids, n in zip(batch["x"].tolist(), batch["lengths"].tolist(), strict=True):
+                yield ids[:n]
+
+    t0 = time.perf_counter()
+    emb = lsa_embeddings(
+        itertools.islice(texts(), LSA_MAX_TEXTS),
+        embed.num_embeddings,
+        embed.embedding_dim,
+        cfg.seed,
+    )
+    if emb is None:
+        return False
+    with torch.no_grad():
+        embed.weight.copy_(emb)
+    log.info(
+        "token embeddings start from an LSA of the train split (%.1f s)", time.perf_counter() - t0
+    )
+    return True
 
 
 def features_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -117,6 +117,21 @@ def test_train_config_resolves_defaults_from_the_data_and_keeps_what_was_given(t
         dataset=tmp_path, out=tmp_path / "run", batch_size=16, epochs=3, lr=1e-4
     ).resolve(card)
     assert (given.batch_size, given.epochs, given.lr) == (16, 3, 1e-4)
+    # text embeddings start from LSA where it measured better (contrastive), unless told
+    starts = {
+        (objective, text_init): TrainConfig.parse(
+            dataset=tmp_path, out=tmp_path / "run", objective=objective, text_init=text_init
+        )
+        .resolve(card)
+        .text_init
+        for objective in ("supervised", "contrastive")
+        for text_init in (None, "lsa", "random")
+    }
+    assert starts == {
+        ("supervised", None): "random",
+        ("contrastive", None): "lsa",
+        **{(o, t): t for o in ("supervised", "contrastive") for t in ("lsa", "random")},
+    }
 
 
 def test_a_grown_dataset_with_another_automatic_batch_size_is_the_same_settings(tmp_path):

@@ -4,7 +4,9 @@ steps, evaluation, and the checkpoint a restarted worker resumes from."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -397,3 +399,70 @@ def test_the_collectives_keep_their_tensors_on_the_ranks_device(tmp_path):
         assert r["nodes"] == ["node-0", "node-1"] and r["stop"] is True
         assert r["metrics"]["samples"] == 8 and r["metrics"]["train_loss"] == 6.0 / 8
     assert ranks[0]["steps"] == [0, None] and ranks[1]["steps"] == [0, 1]
+
+
+# -- where text embeddings start ------------------------------------------------------------------
+
+TOPICS = {
+    "fruit": "apple banana cherry grape lemon mango melon peach pear plum".split(),
+    "animals": "dog cat horse sheep goat mouse tiger zebra camel otter".split(),
+    "weather": "rain snow wind storm cloud frost thunder sunshine fog hail".split(),
+    "vehicles": "train plane boat truck bicycle tram ferry lorry scooter rocket".split(),
+}
+FILLERS = "the a of and some with very then so it was on in at near over under by".split()
+
+
+def _split_embeddings(model, card, ds: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each text's mean token embedding (what the token mean feature reads), and its label."""
+    from featx.batching import make_collate
+    from featx.models.model import masked_mean
+    from featx.train_data import collated, shard_lists
+
+    collate = make_collate("text", tokenizer_path=ds / "tokenizer.json")
+    xs, ys = [], []
+    with torch.no_grad():
+        for b in collated(
+            share_of(shard_lists(card, ds, [split])[split], 0, 1, None, 0), collate, 64
+        ):
+            xs.append(masked_mean(model.stem.embed(b["x"]), b["lengths"]).numpy())
+            ys.append(b["labels"].numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_text_embeddings_start_from_the_train_splits_topics(tmp_path):
+    """Before any step, each text's mean token embedding lies nearest its own topic's centre
+    when the embeddings start from the train split's LSA; from N(0, 1), the six shared filler
+    words of each text blur the three that tell its topic."""
+    from featx.config import IngestConfig, TrainConfig
+    from featx.dataset import load_card
+    from featx.ingest import ingest
+    from featx.train_loop import init_text_embeddings, setup_model
+
+    rng = np.random.default_rng(0)
+    for topic, words in TOPICS.items():
+        (tmp_path / "src" / topic).mkdir(parents=True)
+        for i in range(80):
+            text = list(rng.choice(words, 3)) + list(rng.choice(FILLERS, 6))
+            rng.shuffle(text)
+            (tmp_path / "src" / topic / f"{i:02d}.txt").write_text(" ".join(text))
+    ds = tmp_path / "ds"
+    ingest(IngestConfig.parse(src=tmp_path / "src", out=ds, val_fraction=0.25))
+    card = load_card(ds)
+    cfg = TrainConfig.parse(dataset=ds, out=tmp_path / "run", model="cnn", objective="contrastive")
+    tokenizer = str(ds / "tokenizer.json")
+
+    def nearest_topic_accuracy(lsa: bool) -> float:
+        model = setup_model(cfg, card, tokenizer)
+        if lsa:
+            assert init_text_embeddings(model, cfg, card, tokenizer)
+        (x_tr, y_tr), (x_va, y_va) = (
+            _split_embeddings(model, card, ds, s) for s in ("train", "val")
+        )
+        x_tr, x_va = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (x_tr, x_va))
+        centres = np.stack([x_tr[y_tr == c].mean(axis=0) for c in range(len(TOPICS))])
+        return float(((x_va @ centres.T).argmax(axis=1) == y_va).mean())
+
+    lsa, random = nearest_topic_accuracy(True), nearest_topic_accuracy(False)
+    assert lsa >= 0.95 and 1 - lsa <= (1 - random) / 2, (
+        f"val texts nearest their topic's centre: {lsa:.3f} from LSA, {random:.3f} from N(0, 1)"
+    )
