@@ -13,7 +13,7 @@ they are probed once per corpus x family. All stages run in this process on one 
 
 Usage: python tests/benchmarks/bench_quality.py [--corpora digits,docstrings,...]
     [--models cnn,rnn,attention] [--objectives supervised,contrastive] [--workdir DIR]
-    [--json F] [--epochs N]
+    [--json F] [--epochs N] [--text-init lsa|random]
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ OBJECTIVES = ("supervised", "contrastive", "supcon")
 
 
 def run_one(
-    ds: Path, work: Path, model: str, objective: str, epochs: int | None, baselines: bool
+    ds: Path,
+    work: Path,
+    model: str,
+    objective: str,
+    epochs: int | None,
+    baselines: bool,
+    text_init: str | None = None,
 ) -> dict:
     """Train one family with one objective, extract and probe; the baselines only if asked."""
     from featx.config import ExtractConfig, ProbeConfig
@@ -44,7 +50,14 @@ def run_one(
     load_start = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
     name = model if objective == "supervised" else f"{model}-{objective}"
-    values = {"dataset": ds, "out": work / f"run-{name}", "model": model, "objective": objective}
+    values = {
+        "dataset": ds,
+        "out": work / f"run-{name}",
+        "model": model,
+        "objective": objective,
+    }
+    if text_init:
+        values["text_init"] = text_init
     if epochs:
         values["epochs"] = epochs
     cfg = TrainConfig.parse(**values)
@@ -135,6 +148,12 @@ def main() -> dict:
         "contrastive, supcon); the table has one accuracy column per objective",
     )
     ap.add_argument("--epochs", type=int, help="most epochs (default: featx train's default)")
+    ap.add_argument(
+        "--text-init",
+        choices=["lsa", "random"],
+        help="where text models' token embeddings start (featx train --text-init; default: "
+        "featx's)",
+    )
     ap.add_argument("--workdir", type=Path, help="keep corpora, datasets and runs here")
     ap.add_argument("--json", type=Path, help="also write the result to this file")
     args = ap.parse_args()
@@ -169,7 +188,15 @@ def main() -> dict:
                 ingest(IngestConfig.parse(src=work / "corpora" / name, out=ds, val_fraction=0.2))
             for model in args.models.split(","):
                 runs = [
-                    run_one(ds, work / "runs" / name, model, o, args.epochs, baselines=i == 0)
+                    run_one(
+                        ds,
+                        work / "runs" / name,
+                        model,
+                        o,
+                        args.epochs,
+                        baselines=i == 0,
+                        text_init=args.text_init,
+                    )
                     for i, o in enumerate(objectives)
                 ]
                 r = merge(runs)

@@ -6,6 +6,11 @@ thousands of columns), and of tf-idf reduced by a truncated SVD fitted on the tr
 (latent semantic analysis) to 64 ... 1024 numbers. The probe is featx's: a standardised
 logistic regression fitted on train, scored on val. No labels reach the SVD.
 
+A second row gives the start of a featx contrastive text model's token embeddings (`featx
+train --text-init lsa`, `featx.recipe.lsa_embeddings`): a tokenizer fitted on the train texts
+as `featx ingest` fits it, the LSA embeddings of each width, and each text's mean embedding,
+which is what the model's token mean feature reads before its first step.
+
 A featx text feature has 128 (cnn, attention) or 192 (rnn) numbers with the small preset. Read
 its probe accuracy in `bench_quality.py` against the SVD row of about its width: that is what
 an unsupervised summary of that size can keep of what tf-idf's probe uses.
@@ -60,7 +65,35 @@ def widths_of(root: Path, widths: list[int]) -> dict:
         probe.fit(svd.transform(x_tr), y[tr])
         row["svd"][k] = round(probe.score(svd.transform(x_va), y[va]), 4)
         print(f"  svd {k:5d}: {row['svd'][k]:.3f}", flush=True)
+    row["lsa_start"] = lsa_start(texts, y, tr, va, widths)
     return row
+
+
+def lsa_start(texts: list[str], y, tr, va, widths: list[int]) -> dict[int, float]:
+    """Probe accuracy of the mean token embedding of featx's LSA start, per width."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from tokenizers import Tokenizer
+
+    from featx.config import IngestConfig
+    from featx.recipe import lsa_embeddings
+    from featx.tokenizer import fit_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        fit_tokenizer((texts[i] for i in tr), IngestConfig.model_fields["vocab_size"].default, path)
+        tok = Tokenizer.from_file(str(path))
+    ids = [e.ids or [1] for e in tok.encode_batch(texts)]
+    out = {}
+    for k in widths:
+        emb = lsa_embeddings((ids[i] for i in tr), tok.get_vocab_size(), k, seed=0).numpy()
+        x = np.stack([emb[i].mean(axis=0) for i in ids])
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+        out[k] = round(probe.fit(x[tr], y[tr]).score(x[va], y[va]), 4)
+        print(f"  featx LSA start {k:5d}: {out[k]:.3f}", flush=True)
+    return out
 
 
 def main() -> dict:
@@ -97,6 +130,8 @@ def main() -> dict:
     for name, r in rows.items():
         cells = " | ".join(f"{r['svd'][w]:.3f}" if w in r["svd"] else "-" for w in widths)
         lines.append(f"| {name} | {r['tfidf']:.3f} ({r['tfidf_columns']}) | {cells} |")
+        cells = " | ".join(f"{r['lsa_start'][w]:.3f}" for w in widths)
+        lines.append(f"| {name}, featx LSA start (token mean) | - | {cells} |")
     result = {
         "rows": rows,
         "skipped": skipped,
