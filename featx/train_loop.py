@@ -56,11 +56,15 @@ def train_loop_per_worker(config: dict) -> None:
         # A resumed run opens its checkpoint once (an object store's is downloaded): for the
         # architecture it started with, then for the state it left.
         folder = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
-        model = setup_model(cfg, card, tokenizer, load_meta(folder)["model"] if folder else None)
-        fresh = not folder and not config.get("warm_start")
-        # rank 0's start reaches every rank: DDP broadcasts its weights when it wraps the model
-        if fresh and rank == 0 and card["modality"] == "text" and cfg.text_init == "lsa":
-            init_text_embeddings(model, cfg, card, tokenizer, config.get("exclude"))
+        model = setup_model(
+            cfg,
+            card,
+            tokenizer,
+            load_meta(folder)["model"] if folder else None,
+            # rank 0's start reaches every rank: DDP broadcasts its weights when it wraps them
+            data_start=rank == 0 and not config.get("warm_start"),
+            exclude=config.get("exclude") or (),
+        )
         contrastive = cfg.objective != "supervised"
         min_epochs = earliest_stop(cfg.objective, cfg.epochs)
         if contrastive:  # the projection head trains with the model; extraction never sees it
@@ -205,10 +209,18 @@ def warm_start(model: torch.nn.Module, weights: str) -> tuple[int, int]:
 
 
 def setup_model(
-    cfg: TrainConfig, card: dict, tokenizer: str | None, saved: dict | None = None
+    cfg: TrainConfig,
+    card: dict,
+    tokenizer: str | None,
+    saved: dict | None = None,
+    *,
+    data_start: bool = False,
+    exclude=(),
 ) -> torch.nn.Module:
     """The model the card's data needs, seeded by `cfg.seed`; with `saved` (a checkpoint's
-    model config), the architecture that checkpoint was trained with."""
+    model config), the architecture that checkpoint was trained with. With `data_start`, a new
+    text model's embeddings start as `cfg.text_init` (resolved) says: from an LSA of the train
+    split without the `exclude` keys, or N(0, 1)."""
     from featx.models import create_model, rebuild_model
 
     torch.manual_seed(cfg.seed)
@@ -219,7 +231,7 @@ def setup_model(
         from tokenizers import Tokenizer
 
         vocab = Tokenizer.from_file(tokenizer).get_vocab_size()
-    return create_model(
+    model = create_model(
         cfg.model,
         card["modality"],
         # an unlabelled dataset (contrastive) has no classes; its unused head gets one logit
@@ -231,10 +243,13 @@ def setup_model(
         # random word vectors; with labels the token mean cost the sample text 0.85 -> 0.45
         token_mean=card["modality"] == "text" and cfg.objective != "supervised",
     )
+    if data_start and card["modality"] == "text" and cfg.text_init == "lsa":
+        init_text_embeddings(model, cfg, card, tokenizer, exclude)
+    return model
 
 
 def init_text_embeddings(
-    model: torch.nn.Module, cfg: TrainConfig, card: dict, tokenizer: str, exclude=None
+    model: torch.nn.Module, cfg: TrainConfig, card: dict, tokenizer: str, exclude=()
 ) -> bool:
     """Start the token embeddings from an LSA of the train split (`featx.recipe.lsa_embeddings`),
     reading at most LSA_MAX_TEXTS texts as training batches them; False if the split is too
@@ -243,24 +258,19 @@ def init_text_embeddings(
 
     from featx.batching import make_collate
     from featx.recipe import LSA_MAX_TEXTS, lsa_embeddings
-    from featx.train_data import collated, share_of
 
     embed = model.stem.embed
-    shards = shard_lists(card, cfg.dataset, ["train"])["train"]
+    data = setup_data("shards", card, cfg.dataset, ["train"], 256, torch.device("cpu"))
+    data.exclude = frozenset(exclude)
     collate = make_collate("text", tokenizer_path=tokenizer, max_tokens=cfg.max_tokens)
-
-    def texts():
-        samples = share_of(shards, 0, 1, None, 0, frozenset(exclude or ()))
-        for batch in collated(samples, collate, 256):
-            for ids, n in zip(batch["x"].tolist(), batch["lengths"].tolist(), strict=True):
-                yield ids[:n]
-
+    texts = (
+        ids[:n]
+        for x, lengths, _, _ in data.batches("train", collate)
+        for ids, n in zip(x.tolist(), lengths.tolist(), strict=True)
+    )
     t0 = time.perf_counter()
     emb = lsa_embeddings(
-        itertools.islice(texts(), LSA_MAX_TEXTS),
-        embed.num_embeddings,
-        embed.embedding_dim,
-        cfg.seed,
+        itertools.islice(texts, LSA_MAX_TEXTS), embed.num_embeddings, embed.embedding_dim, cfg.seed
     )
     if emb is None:
         return False

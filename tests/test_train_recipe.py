@@ -416,27 +416,26 @@ def _split_embeddings(model, card, ds: Path, split: str) -> tuple[np.ndarray, np
     """Each text's mean token embedding (what the token mean feature reads), and its label."""
     from featx.batching import make_collate
     from featx.models.model import masked_mean
-    from featx.train_data import collated, shard_lists
 
+    data = setup_data("shards", card, ds, [split], 64, CPU)
     collate = make_collate("text", tokenizer_path=ds / "tokenizer.json")
     xs, ys = [], []
     with torch.no_grad():
-        for b in collated(
-            share_of(shard_lists(card, ds, [split])[split], 0, 1, None, 0), collate, 64
-        ):
-            xs.append(masked_mean(model.stem.embed(b["x"]), b["lengths"]).numpy())
-            ys.append(b["labels"].numpy())
+        for x, lengths, labels, _ in data.batches(split, collate):
+            xs.append(masked_mean(model.stem.embed(x), lengths).numpy())
+            ys.append(labels.numpy())
     return np.concatenate(xs), np.concatenate(ys)
 
 
 def test_text_embeddings_start_from_the_train_splits_topics(tmp_path):
     """Before any step, each text's mean token embedding lies nearest its own topic's centre
-    when the embeddings start from the train split's LSA; from N(0, 1), the six shared filler
-    words of each text blur the three that tell its topic."""
+    when a contrastive run's embeddings start as featx's default says (an LSA of the train
+    split); from N(0, 1) (`--text-init random`), the six shared filler words of each text blur
+    the three that tell its topic."""
     from featx.config import IngestConfig, TrainConfig
     from featx.dataset import load_card
     from featx.ingest import ingest
-    from featx.train_loop import init_text_embeddings, setup_model
+    from featx.train_loop import setup_model
 
     rng = np.random.default_rng(0)
     for topic, words in TOPICS.items():
@@ -448,13 +447,13 @@ def test_text_embeddings_start_from_the_train_splits_topics(tmp_path):
     ds = tmp_path / "ds"
     ingest(IngestConfig.parse(src=tmp_path / "src", out=ds, val_fraction=0.25))
     card = load_card(ds)
-    cfg = TrainConfig.parse(dataset=ds, out=tmp_path / "run", model="cnn", objective="contrastive")
     tokenizer = str(ds / "tokenizer.json")
 
-    def nearest_topic_accuracy(lsa: bool) -> float:
-        model = setup_model(cfg, card, tokenizer)
-        if lsa:
-            assert init_text_embeddings(model, cfg, card, tokenizer)
+    def nearest_topic_accuracy(**options) -> float:
+        cfg = TrainConfig.parse(
+            dataset=ds, out=tmp_path / "run", model="cnn", objective="contrastive", **options
+        ).resolve(card)
+        model = setup_model(cfg, card, tokenizer, data_start=True)
         (x_tr, y_tr), (x_va, y_va) = (
             _split_embeddings(model, card, ds, s) for s in ("train", "val")
         )
@@ -462,7 +461,7 @@ def test_text_embeddings_start_from_the_train_splits_topics(tmp_path):
         centres = np.stack([x_tr[y_tr == c].mean(axis=0) for c in range(len(TOPICS))])
         return float(((x_va @ centres.T).argmax(axis=1) == y_va).mean())
 
-    lsa, random = nearest_topic_accuracy(True), nearest_topic_accuracy(False)
+    lsa, random = nearest_topic_accuracy(), nearest_topic_accuracy(text_init="random")
     assert lsa >= 0.95 and 1 - lsa <= (1 - random) / 2, (
         f"val texts nearest their topic's centre: {lsa:.3f} from LSA, {random:.3f} from N(0, 1)"
     )
