@@ -242,6 +242,8 @@ def setup_model(
         # without labels, max or attention pooling alone left text features under a bag of
         # random word vectors; with labels the token mean cost the sample text 0.85 -> 0.45
         token_mean=card["modality"] == "text" and cfg.objective != "supervised",
+        # without labels, attention pooling alone left audio features under log-mel statistics
+        frame_stats=card["modality"] == "audio" and cfg.objective != "supervised",
     )
     if data_start and card["modality"] == "text" and cfg.text_init == "lsa":
         init_text_embeddings(model, cfg, card, tokenizer, exclude)

@@ -339,7 +339,41 @@ def test_token_mean_is_for_text_only():
         assert with_mean.feature_dim == plain.feature_dim
 
 
-def test_training_sets_token_mean_for_contrastive_text_and_resumes_what_was_saved(tmp_path):
+@pytest.mark.parametrize("name", ["rnn", "attention"])
+def test_audio_frame_statistics_are_over_each_clips_own_frames(name):
+    """The frame-statistics part of audio features is the mean and standard deviation of the
+    stem's frame embeddings over a clip's valid frames: the same for a clip alone and padded
+    beside a longer one, and different for different clips."""
+    torch.manual_seed(0)
+    model = build(name, "audio", frame_stats=True).eval()
+    dim = model.stem.frame_dim
+    assert model.feature_dim == model.encoder.feature_dim + 2 * dim
+    gen = torch.Generator().manual_seed(1)
+    short, long = sample("audio", 2345, gen), sample("audio", 5003, gen)
+    x, lengths = pad([short, long])
+    with torch.no_grad():
+        together = model.forward_features(x, lengths)
+        alone = model.forward_features(short[None], torch.tensor([2345]))
+        frames, steps = model.stem(short[None], torch.tensor([2345]))
+    assert together.shape[1] == model.feature_dim
+    torch.testing.assert_close(together[0:1], alone, atol=1e-5, rtol=0)
+    f = frames[0, : int(steps[0])]
+    torch.testing.assert_close(alone[0, -2 * dim : -dim], f.mean(0), atol=1e-5, rtol=0)
+    # within the epsilon that keeps the gradient of a zero deviation finite
+    torch.testing.assert_close(alone[0, -dim:], f.std(0, unbiased=False), atol=1e-3, rtol=0)
+    assert not torch.allclose(together[0, -2 * dim :], together[1, -2 * dim :], atol=1e-3)
+
+
+def test_frame_statistics_are_for_models_that_embed_audio_frames():
+    for name, modality in COMBOS:
+        plain, with_stats = build(name, modality), build(name, modality, frame_stats=True)
+        grows = modality == "audio" and name != "cnn"  # the cnn reads the log-mel grid
+        assert (with_stats.feature_dim > plain.feature_dim) == grows, (name, modality)
+
+
+def test_training_sets_token_mean_and_frame_stats_without_labels_and_resumes_what_was_saved(
+    tmp_path,
+):
     from types import SimpleNamespace
 
     from featx.tokenizer import fit_tokenizer
@@ -357,6 +391,16 @@ def test_training_sets_token_mean_for_contrastive_text_and_resumes_what_was_save
     supervised = setup_model(cfg("supervised"), text, str(tok))
     assert contrastive.token_mean and not supervised.token_mean
     assert not setup_model(cfg("contrastive"), image, None).token_mean
+    # and frame statistics for contrastive audio, in the families that embed frames
+    audio = {"modality": "audio", "classes": ["a", "b"], "normalisation": {"sample_rate": 16000}}
+    for model in ("rnn", "attention"):
+        run = SimpleNamespace(model=model, preset="small", seed=0)
+        assert setup_model(
+            SimpleNamespace(**vars(run), objective="contrastive"), audio, None
+        ).frame_stats
+        assert not setup_model(
+            SimpleNamespace(**vars(run), objective="supervised"), audio, None
+        ).frame_stats
     # a checkpoint saved before the field existed resumes with the architecture it was built with
     saved = {k: v for k, v in supervised.config.items() if k != "token_mean"}
     resumed = setup_model(cfg("contrastive"), text, str(tok), saved=saved)

@@ -22,10 +22,12 @@ _BUILDERS: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {}
 # name -> check(cfg) -> list of problems, for constraints a type check cannot see
 _CHECKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
-# Fields every family has, beside its preset's. token_mean: text features also hold the mean
-# of the token embeddings (`FeatureModel`); contrastive training turns it on. Image and audio
-# models ignore it.
-COMMON: dict[str, Any] = {"token_mean": False}
+# Fields every family has, beside its preset's (`FeatureModel`); contrastive training turns
+# both on. token_mean: text features also hold the mean of the token embeddings; other
+# modalities ignore it. frame_stats: audio features of the families that embed frames (rnn,
+# attention) also hold the mean and standard deviation of the frame embeddings; the cnn and
+# other modalities ignore it.
+COMMON: dict[str, Any] = {"token_mean": False, "frame_stats": False}
 # Fields added to a family's presets after models were saved, with the value that rebuilds
 # those models: a config without `freq_conv` (rnn, attention) predates the audio convs.
 SAVED_BEFORE: dict[str, Any] = {"freq_conv": False}

@@ -191,6 +191,7 @@ class AudioStem(nn.Module):
     ) -> None:
         super().__init__()
         self.logmel = LogMel(sample_rate=sample_rate, n_mels=n_mels)
+        self.frame_dim = dim  # the width of each frame's embedding; None: the log-mel grid
         self.conv: nn.ModuleList | None = None
         self.proj: nn.Linear | None = None
         if dim is None:
