@@ -384,8 +384,8 @@ def test_training_sets_token_mean_and_frame_stats_without_labels_and_resumes_wha
     text = {"modality": "text", "classes": ["cats", "dogs"], "normalisation": {}}
     image = {"modality": "image", "classes": ["a", "b"], "normalisation": {}}
 
-    def cfg(objective):
-        return SimpleNamespace(model="cnn", preset="small", seed=0, objective=objective)
+    def cfg(objective, model="cnn"):
+        return SimpleNamespace(model=model, preset="small", seed=0, objective=objective)
 
     contrastive = setup_model(cfg("contrastive"), text, str(tok))
     supervised = setup_model(cfg("supervised"), text, str(tok))
@@ -394,18 +394,16 @@ def test_training_sets_token_mean_and_frame_stats_without_labels_and_resumes_wha
     # and frame statistics for contrastive audio, in the families that embed frames
     audio = {"modality": "audio", "classes": ["a", "b"], "normalisation": {"sample_rate": 16000}}
     for model in ("rnn", "attention"):
-        run = SimpleNamespace(model=model, preset="small", seed=0)
-        assert setup_model(
-            SimpleNamespace(**vars(run), objective="contrastive"), audio, None
-        ).frame_stats
-        assert not setup_model(
-            SimpleNamespace(**vars(run), objective="supervised"), audio, None
-        ).frame_stats
-    # a checkpoint saved before the field existed resumes with the architecture it was built with
-    saved = {k: v for k, v in supervised.config.items() if k != "token_mean"}
-    resumed = setup_model(cfg("contrastive"), text, str(tok), saved=saved)
-    resumed.load_state_dict(supervised.state_dict())
-    assert resumed.feature_dim == supervised.feature_dim
+        assert setup_model(cfg("contrastive", model), audio, None).frame_stats
+        assert not setup_model(cfg("supervised", model), audio, None).frame_stats
+    # a checkpoint saved before a field existed resumes with the architecture it was built with
+    older = ((text, str(tok), "token_mean", "cnn"), (audio, None, "frame_stats", "attention"))
+    for data, tokenizer, field, model in older:
+        before = setup_model(cfg("supervised", model), data, tokenizer)
+        saved = {k: v for k, v in before.config.items() if k != field}
+        resumed = setup_model(cfg("contrastive", model), data, tokenizer, saved=saved)
+        resumed.load_state_dict(before.state_dict())
+        assert resumed.feature_dim == before.feature_dim and not getattr(resumed, field)
 
 
 def test_a_config_saved_before_a_field_existed_rebuilds_its_architecture():

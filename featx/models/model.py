@@ -76,10 +76,8 @@ class FeatureModel(nn.Module):
         # (statistics pooling, as speaker embeddings pool speech frames), beside what the
         # encoder pools. Without labels, attention pooling alone left the attention family's
         # features under log-mel statistics on spoken digits (0.888 against 0.944).
-        frame_dim = getattr(stem, "frame_dim", None)
-        self.frame_stats = (
-            modality == "audio" and bool(config.get("frame_stats")) and bool(frame_dim)
-        )
+        frame_dim = getattr(stem, "frame_dim", None)  # only audio stems that embed frames
+        self.frame_stats = bool(config.get("frame_stats") and frame_dim)
         self.feature_dim: int = (
             encoder.feature_dim
             + (stem.embed.embedding_dim if self.token_mean else 0)
