@@ -28,7 +28,8 @@ class ContrastiveNet(nn.Module):
 
     def __init__(self, model: nn.Module, out_dim: int = PROJECTION_DIM) -> None:
         super().__init__()
-        d = model.feature_dim
+        # The loss shapes what training learns; the fitted token bag (text) takes no part.
+        d = model.trained_dim
         # The feature model's classifier head takes no part (and DDP would wait for its
         # gradients); it stays in model.pt so the model directory loads like any other.
         model.head.requires_grad_(False)
@@ -38,7 +39,7 @@ class ContrastiveNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        return self.projector(self.model.forward_features(x, lengths))
+        return self.projector(self.model.forward_features(x, lengths, bag=False))
 
 
 class _Gather(torch.autograd.Function):
@@ -175,7 +176,7 @@ def evaluate_contrastive(
     with torch.inference_mode():
         for x, lengths, y, _ in paired:
             with autocast:
-                f = net.model.forward_features(x, lengths)
+                f = net.model.forward_features(x, lengths, bag=False)
                 z = net.projector(f)
             b = len(z) // 2
             valid = torch.ones(len(z), dtype=torch.bool, device=z.device)

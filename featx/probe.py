@@ -320,7 +320,7 @@ def _random_model(folder: Path, manifest: dict, dataset: Path, seed: int) -> Pat
     import torch
 
     from featx import storage
-    from featx.checkpoint import META_FILE, load_meta, save_model_dir
+    from featx.checkpoint import META_FILE, MODEL_FILE, load_meta, save_model_dir
     from featx.dataset import load_card
     from featx.models import rebuild_model
     from featx.models.registry import saved_config
@@ -328,14 +328,22 @@ def _random_model(folder: Path, manifest: dict, dataset: Path, seed: int) -> Pat
     source = storage.location(manifest["model_dir"])
     if storage.is_uri(source):
         source = storage.local_copy(source)
+    trained = load_meta(source)
+    # A text model's token bag is fitted on the data, not trained: the baseline keeps the
+    # trained model's, so that it measures what training adds.
+    fitted_from = trained["sha256"][MODEL_FILE] if manifest["model"].get("token_bag") else None
     if (folder / META_FILE).exists():
         meta = json.loads((folder / META_FILE).read_text())
         same = meta.get("model") == saved_config(manifest["model"])
-        if same and meta.get("baseline_seed") == seed:
+        if same and meta.get("baseline_seed") == seed and meta.get("fitted_from") == fitted_from:
             return folder
     torch.manual_seed(seed)
     model = rebuild_model(manifest["model"])
-    trained = load_meta(source)
+    if fitted_from:
+        state = torch.load(Path(source) / MODEL_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(
+            {k: v for k, v in state.items() if k.startswith("bag.")}, strict=False
+        )
     card = load_card(dataset)
     # Text models must tokenise exactly like the trained model: save_model_dir copies
     # `dataset / card["tokenizer"]`, so point it at the trained model's own tokenizer.
@@ -350,6 +358,6 @@ def _random_model(folder: Path, manifest: dict, dataset: Path, seed: int) -> Pat
         card,
         source,
         metrics={},
-        extra={"baseline": "random-init", "baseline_seed": seed},
+        extra={"baseline": "random-init", "baseline_seed": seed, "fitted_from": fitted_from},
     )
     return folder

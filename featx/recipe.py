@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -167,3 +168,68 @@ def lsa_embeddings(docs, vocab_size: int, dim: int, seed: int = 0) -> torch.Tens
         emb /= rms
     emb[~seen] = 0.0
     return torch.from_numpy(emb)
+
+
+def fit_token_bag(
+    docs, vocab_size: int, dim: int, columns: int, seed: int = 0
+) -> dict[str, torch.Tensor] | None:
+    """The fitted part of a contrastive text feature (`featx.models.stems.TokenBag`): latent
+    semantic analysis of the train split's bag of tokens and adjacent token pairs.
+
+    Columns: the `columns` tokens and pairs held by the most texts (ties by key). scikit-learn's
+    `TfidfTransformer(sublinear_tf=True)`, then a `TruncatedSVD` to `dim` components (fewer
+    when the split is small; the rest stay zero), scaled so that the train texts' features
+    have an RMS of 1. `docs` yields each text's token ids (padding excluded). Returns the
+    tensors `TokenBag` holds (`keys`, `idf`, `proj`), or None when the split is too small.
+    """
+    from collections import Counter
+
+    import numpy as np
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    docs = [np.asarray(d, dtype=np.int64) for d in docs]
+    df = Counter()
+    for d in docs:
+        df.update(np.unique(bag_keys(d, vocab_size)).tolist())
+    top = sorted(df, key=lambda key: (-df[key], key))[:columns]
+    keys = np.arange(columns, dtype=np.int64) + vocab_size * (vocab_size + 1)  # past every key
+    keys[: len(top)] = np.sort(top)
+    counts = bag_counts(docs, vocab_size, keys)
+    k = min(dim, counts.shape[0] - 1, len(top) - 1)
+    if k < 1:
+        return None
+    tfidf = TfidfTransformer(sublinear_tf=True)
+    x = tfidf.fit_transform(counts)
+    svd = TruncatedSVD(k, random_state=seed).fit(x)
+    proj = np.zeros((columns, dim), dtype=np.float32)
+    proj[:, :k] = svd.components_.T
+    rms = np.sqrt(np.mean(np.square(x[:10_000] @ proj)))
+    if rms > 0:
+        proj /= rms
+    return {
+        "keys": torch.from_numpy(keys),
+        "idf": torch.from_numpy(tfidf.idf_.astype(np.float32)),
+        "proj": torch.from_numpy(proj),
+    }
+
+
+def bag_keys(ids, vocab_size: int):
+    """A text's token ids, then its adjacent pairs as `vocab_size + a * vocab_size + b`."""
+    return np.concatenate([ids, vocab_size + ids[:-1] * vocab_size + ids[1:]])
+
+
+def bag_counts(docs, vocab_size: int, keys):
+    """Sparse (texts, len(keys)) counts of the `keys` (sorted) in each text's tokens and pairs."""
+    import scipy.sparse as sp
+
+    rows, cols = [], []
+    for row, d in enumerate(docs):
+        found = bag_keys(np.asarray(d, dtype=np.int64), vocab_size)
+        column = np.searchsorted(keys, found)
+        hit = column < len(keys)
+        hit[hit] = keys[column[hit]] == found[hit]
+        rows.append(np.full(int(hit.sum()), row))
+        cols.append(column[hit])
+    row, col = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (rows, cols))
+    return sp.csr_matrix((np.ones(len(row), np.float32), (row, col)), shape=(len(docs), len(keys)))

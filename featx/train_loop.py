@@ -63,6 +63,8 @@ def train_loop_per_worker(config: dict) -> None:
             load_meta(folder)["model"] if folder else None,
             # rank 0's start reaches every rank: DDP broadcasts its weights when it wraps them
             data_start=rank == 0 and not config.get("warm_start"),
+            # a new version's bag is fitted on its own train split, warm started or not
+            fit_bag=rank == 0,
             exclude=config.get("exclude") or (),
         )
         contrastive = cfg.objective != "supervised"
@@ -200,10 +202,15 @@ def train_loop_per_worker(config: dict) -> None:
 
 def warm_start(model: torch.nn.Module, weights: str) -> tuple[int, int]:
     """Copy the previous version's weights into `model` where names and shapes match (a
-    re-fitted tokenizer can change the embedding's size); returns (copied, total)."""
+    re-fitted tokenizer can change the embedding's size); returns (copied, total). A token bag
+    is not copied: it is fitted on each version's own train split."""
     state = torch.load(weights, map_location="cpu", weights_only=True)
     own = model.state_dict()
-    same = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    same = {
+        k: v
+        for k, v in state.items()
+        if k in own and own[k].shape == v.shape and not k.startswith("bag.")
+    }
     model.load_state_dict(same, strict=False)
     return len(same), len(own)
 
@@ -215,12 +222,14 @@ def setup_model(
     saved: dict | None = None,
     *,
     data_start: bool = False,
+    fit_bag: bool = False,
     exclude=(),
 ) -> torch.nn.Module:
     """The model the card's data needs, seeded by `cfg.seed`; with `saved` (a checkpoint's
     model config), the architecture that checkpoint was trained with. With `data_start`, a new
     text model's embeddings start as `cfg.text_init` (resolved) says: from an LSA of the train
-    split without the `exclude` keys, or N(0, 1)."""
+    split without the `exclude` keys, or N(0, 1). With `fit_bag`, a new model's token bag
+    (contrastive text) is fitted on that split."""
     from featx.models import create_model, rebuild_model
 
     torch.manual_seed(cfg.seed)
@@ -244,24 +253,27 @@ def setup_model(
         token_mean=card["modality"] == "text" and cfg.objective != "supervised",
         # without labels, attention pooling alone left audio features under log-mel statistics
         frame_stats=card["modality"] == "audio" and cfg.objective != "supervised",
+        # without labels, no feature of 128-192 trained numbers came near tf-idf on real text
+        token_bag=card["modality"] == "text" and cfg.objective != "supervised",
     )
-    if data_start and card["modality"] == "text" and cfg.text_init == "lsa":
-        init_text_embeddings(model, cfg, card, tokenizer, exclude)
+    lsa = data_start and card["modality"] == "text" and cfg.text_init == "lsa"
+    if lsa or (fit_bag and model.bag is not None):
+        texts = train_token_ids(cfg, card, tokenizer, exclude)
+        if lsa:
+            init_text_embeddings(model, cfg, texts)
+        if fit_bag and model.bag is not None:
+            fit_text_bag(model, cfg, texts)
     return model
 
 
-def init_text_embeddings(
-    model: torch.nn.Module, cfg: TrainConfig, card: dict, tokenizer: str, exclude=()
-) -> bool:
-    """Start the token embeddings from an LSA of the train split (`featx.recipe.lsa_embeddings`),
-    reading at most LSA_MAX_TEXTS texts as training batches them; False if the split is too
-    small for it."""
+def train_token_ids(cfg: TrainConfig, card: dict, tokenizer: str, exclude=()) -> list[list[int]]:
+    """The token ids of the train split's first LSA_MAX_TEXTS texts (padding excluded), read
+    and tokenized as training batches them, without the `exclude` keys."""
     import itertools
 
     from featx.batching import make_collate
-    from featx.recipe import LSA_MAX_TEXTS, lsa_embeddings
+    from featx.recipe import LSA_MAX_TEXTS
 
-    embed = model.stem.embed
     data = setup_data("shards", card, cfg.dataset, ["train"], 256, torch.device("cpu"))
     data.exclude = frozenset(exclude)
     collate = make_collate("text", tokenizer_path=tokenizer, max_tokens=cfg.max_tokens)
@@ -270,16 +282,43 @@ def init_text_embeddings(
         for x, lengths, _, _ in data.batches("train", collate)
         for ids, n in zip(x.tolist(), lengths.tolist(), strict=True)
     )
+    return list(itertools.islice(texts, LSA_MAX_TEXTS))
+
+
+def init_text_embeddings(model: torch.nn.Module, cfg: TrainConfig, texts) -> bool:
+    """Start the token embeddings from an LSA of the train split's `texts` (token ids,
+    `featx.recipe.lsa_embeddings`); False if the split is too small for it."""
+    from featx.recipe import lsa_embeddings
+
+    embed = model.stem.embed
     t0 = time.perf_counter()
-    emb = lsa_embeddings(
-        itertools.islice(texts, LSA_MAX_TEXTS), embed.num_embeddings, embed.embedding_dim, cfg.seed
-    )
+    emb = lsa_embeddings(texts, embed.num_embeddings, embed.embedding_dim, cfg.seed)
     if emb is None:
         return False
     with torch.no_grad():
         embed.weight.copy_(emb)
     log.info(
         "token embeddings start from an LSA of the train split (%.1f s)", time.perf_counter() - t0
+    )
+    return True
+
+
+def fit_text_bag(model: torch.nn.Module, cfg: TrainConfig, texts) -> bool:
+    """Fit the model's token bag (`featx.recipe.fit_token_bag`) on the train split's `texts`;
+    False (the bag stays zero) if the split is too small for it."""
+    from featx.recipe import fit_token_bag
+
+    bag = model.bag
+    t0 = time.perf_counter()
+    fitted = fit_token_bag(texts, bag.vocab_size, bag.proj.shape[1], len(bag.keys), cfg.seed)
+    if fitted is None:
+        return False
+    with torch.no_grad():
+        for name, value in fitted.items():
+            getattr(bag, name).copy_(value)
+    log.info(
+        "token bag: an LSA of the train split's tokens and token pairs (%.1f s)",
+        time.perf_counter() - t0,
     )
     return True
 

@@ -187,3 +187,82 @@ def test_a_checkpoint_resumes_the_projection_head_and_publishes_the_features_mod
     assert opt2.state_dict()["state"] and sched2.last_epoch == 1
     model, _ = load_model(tmp_path)
     assert set(model.state_dict()) == set(net.model.state_dict())
+
+
+def _bag_rank(rank: int, port: int, out) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from featx.contrastive import ContrastiveNet
+    from featx.models import create_model
+    from featx.recipe import build_optimizer, fit_token_bag
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        vocab = 30
+        model = create_model(
+            "cnn", "text", 1, vocab_size=vocab, token_bag=True, bag_dim=8, bag_columns=60
+        )
+        if rank == 0:  # featx train fits the bag on rank 0 only
+            rng = np.random.default_rng(0)
+            docs = [rng.integers(2, vocab, 12).tolist() for _ in range(40)]
+            with torch.no_grad():
+                for name, value in fit_token_bag(docs, vocab, 8, 60).items():
+                    getattr(model.bag, name).copy_(value)
+        net = DistributedDataParallel(ContrastiveNet(model))  # as ray.train's prepare_model
+        bag = [p.detach().clone() for p in model.bag.parameters()]
+        matrices = [p.detach().clone() for p in model.encoder.parameters()]
+        optimizer = build_optimizer(net, 1e-2, 0.01)
+        step = contrastive_loss(0.3, 4, False)
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randint(2, vocab, (8, 10), generator=g)  # two views of 4 texts
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss, *_ = step(net, x, torch.full((8,), 10), None, True)
+            loss.backward()
+            optimizer.step()
+        theirs = [[torch.zeros_like(t) for _ in range(2)] for t in bag]
+        for t, gathered in zip(bag, theirs, strict=True):
+            dist.all_gather(gathered, t)
+        if rank == 0:
+            out.put(
+                {
+                    "fitted": bool(bag[2].abs().sum() > 0),
+                    "same_bag": all(torch.equal(a, b) for a, b in theirs),
+                    "bag_kept": all(
+                        torch.equal(a, b) for a, b in zip(bag, model.bag.parameters(), strict=True)
+                    ),
+                    "trained": any(
+                        not torch.equal(a, b)
+                        for a, b in zip(matrices, model.encoder.parameters(), strict=True)
+                    ),
+                    "loss": float(loss),
+                }
+            )
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        out.close()
+        out.join_thread()
+    os._exit(0)  # as _rank: gloo's threads sometimes abort C++ static destructors
+
+
+def test_ddp_hands_rank_0s_token_bag_to_every_rank_and_training_leaves_it():
+    """A contrastive text model's token bag is fitted on rank 0 only: DDP's wrap hands it to
+    the other ranks, and two DDP steps train the encoder around it without moving it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_bag_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    result = out.get(timeout=120)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert result["fitted"] and result["same_bag"], result
+    assert result["bag_kept"] and result["trained"] and np.isfinite(result["loss"]), result

@@ -371,6 +371,62 @@ def test_frame_statistics_are_for_models_that_embed_audio_frames():
         assert (with_stats.feature_dim > plain.feature_dim) == grows, (name, modality)
 
 
+def test_token_bag_is_the_tfidf_lsa_of_each_texts_own_tokens_and_pairs():
+    """The token-bag part of text features is scikit-learn's sublinear tf-idf of the text's
+    fitted tokens and adjacent token pairs, projected by the fitted SVD: the same for a text
+    alone and padded beside a longer one; word order counts through the pairs."""
+    from collections import Counter
+
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    from featx.recipe import fit_token_bag
+
+    rng = np.random.default_rng(0)
+    vocab, dim, columns = VOCAB, 16, 120
+    # texts that repeat a few pairs, so that pairs are among the columns
+    docs = [rng.integers(2, vocab, rng.integers(2, 30)).tolist() for _ in range(150)]
+    docs += [[5, 6, 5, 6, 7], [6, 5, 6, 5, 7]] * 10
+    fitted = fit_token_bag(docs, vocab, dim, columns)
+    model = build("cnn", "text", token_bag=True, bag_dim=dim, bag_columns=columns).eval()
+    with torch.no_grad():
+        for name, value in fitted.items():
+            getattr(model.bag, name).copy_(value)
+    assert model.feature_dim == model.encoder.feature_dim + dim
+
+    # the reference: plain counting of what the columns name, and scikit-learn's tf-idf
+    column = {int(k): i for i, k in enumerate(fitted["keys"].tolist())}
+    counts = np.zeros((len(docs), columns))
+    for row, d in enumerate(docs):
+        found = d + [vocab + a * vocab + b for a, b in zip(d, d[1:], strict=False)]
+        for key, n in Counter(k for k in found if k in column).items():
+            counts[row, column[key]] = n
+    pair_columns = [i for k, i in column.items() if vocab <= k < vocab * (vocab + 1)]
+    assert counts[:, pair_columns].sum() > 0
+    tfidf = TfidfTransformer(sublinear_tf=True).fit(counts)
+    expected = torch.tensor(tfidf.transform(counts) @ fitted["proj"].numpy(), dtype=torch.float32)
+    torch.testing.assert_close(model.bag.idf, torch.tensor(tfidf.idf_, dtype=torch.float32))
+
+    x, lengths = pad([torch.tensor(d) for d in docs])
+    with torch.no_grad():
+        together = model.forward_features(x, lengths)[:, -dim:]
+        alone = model.forward_features(x[:1, : lengths[0]], lengths[:1])[:, -dim:]
+    torch.testing.assert_close(together, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(alone, together[:1], atol=1e-5, rtol=1e-4)
+    # the same tokens in another order: only the pairs tell them apart
+    assert not torch.allclose(together[-2], together[-1], atol=1e-3)
+
+
+def test_token_bag_is_for_text_only_and_not_what_training_shapes():
+    for name, modality in COMBOS:
+        plain, with_bag = build(name, modality), build(name, modality, token_bag=True)
+        grows = modality == "text"
+        assert (with_bag.feature_dim > plain.feature_dim) == grows, (name, modality)
+        # the contrastive head reads the trained features only
+        assert with_bag.trained_dim == plain.feature_dim
+    model = build("attention", "text", token_bag=True)
+    assert not any(p.requires_grad for p in model.bag.parameters())
+
+
 def test_training_sets_token_mean_and_frame_stats_without_labels_and_resumes_what_was_saved(
     tmp_path,
 ):
@@ -390,6 +446,7 @@ def test_training_sets_token_mean_and_frame_stats_without_labels_and_resumes_wha
     contrastive = setup_model(cfg("contrastive"), text, str(tok))
     supervised = setup_model(cfg("supervised"), text, str(tok))
     assert contrastive.token_mean and not supervised.token_mean
+    assert contrastive.bag is not None and supervised.bag is None
     assert not setup_model(cfg("contrastive"), image, None).token_mean
     # and frame statistics for contrastive audio, in the families that embed frames
     audio = {"modality": "audio", "classes": ["a", "b"], "normalisation": {"sample_rate": 16000}}
@@ -397,13 +454,17 @@ def test_training_sets_token_mean_and_frame_stats_without_labels_and_resumes_wha
         assert setup_model(cfg("contrastive", model), audio, None).frame_stats
         assert not setup_model(cfg("supervised", model), audio, None).frame_stats
     # a checkpoint saved before a field existed resumes with the architecture it was built with
-    older = ((text, str(tok), "token_mean", "cnn"), (audio, None, "frame_stats", "attention"))
+    older = (
+        (text, str(tok), "token_mean", "cnn"),
+        (text, str(tok), "token_bag", "rnn"),
+        (audio, None, "frame_stats", "attention"),
+    )
     for data, tokenizer, field, model in older:
         before = setup_model(cfg("supervised", model), data, tokenizer)
         saved = {k: v for k, v in before.config.items() if k != field}
         resumed = setup_model(cfg("contrastive", model), data, tokenizer, saved=saved)
-        resumed.load_state_dict(before.state_dict())
-        assert resumed.feature_dim == before.feature_dim and not getattr(resumed, field)
+        resumed.load_state_dict(before.state_dict())  # strict: a bag would be unexpected keys
+        assert resumed.feature_dim == before.feature_dim and not resumed.config[field]
 
 
 def test_a_config_saved_before_a_field_existed_rebuilds_its_architecture():

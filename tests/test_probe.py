@@ -346,3 +346,40 @@ def test_classic_refuses_feature_rows_the_dataset_does_not_hold(square_ds, words
     features = features_of(words_ds, tmp_path / "features")
     with pytest.raises(ValueError, match="no sample in the dataset.*--dataset"):
         probe(ProbeConfig.parse(features=features, baseline=False, dataset=square_ds))
+
+
+def test_the_random_init_baseline_keeps_a_text_models_fitted_token_bag(words_ds, tmp_path):
+    """The token bag is fitted on the data, not trained: the random-init baseline of a
+    contrastive text model holds the same bag beside random weights, so the baseline measures
+    what training adds. A model with another bag gets a new baseline, not the cached one."""
+    from featx.checkpoint import MODEL_FILE
+    from featx.config import TrainConfig
+    from featx.probe import _random_model
+    from featx.train_loop import setup_model
+
+    card = load_card(words_ds)
+    tokenizer = str(words_ds / card["tokenizer"])
+
+    def trained(seed: int) -> tuple[torch.nn.Module, dict]:
+        cfg = TrainConfig.parse(
+            dataset=words_ds, out=tmp_path / "run", model="cnn", objective="contrastive", seed=seed
+        ).resolve(card)
+        model = setup_model(cfg, card, tokenizer, fit_bag=True)
+        with torch.no_grad():  # stands in for training: weights no random init gives
+            model.stem.embed.weight.fill_(0.5)
+        folder = tmp_path / f"model-{seed}"
+        save_model_dir(folder, model, card, words_ds, metrics={})
+        return model, {"model_dir": str(folder), "model": model.config}
+
+    def baseline(manifest: dict) -> dict:
+        folder = _random_model(tmp_path / "baseline", manifest, words_ds, seed=0)
+        return torch.load(folder / MODEL_FILE, weights_only=True)
+
+    model, manifest = trained(seed=0)
+    base = baseline(manifest)
+    bag = [k for k in model.state_dict() if k.startswith("bag.")]
+    assert bag and all(torch.equal(base[k], model.state_dict()[k]) for k in bag)
+    assert not torch.equal(base["stem.embed.weight"], model.stem.embed.weight)
+    other, manifest = trained(seed=1)  # another SVD start: another bag
+    assert not torch.equal(other.bag.proj, model.bag.proj)
+    assert torch.equal(baseline(manifest)["bag.proj"], other.bag.proj)

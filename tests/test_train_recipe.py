@@ -412,8 +412,9 @@ TOPICS = {
 FILLERS = "the a of and some with very then so it was on in at near over under by".split()
 
 
-def _split_embeddings(model, card, ds: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Each text's mean token embedding (what the token mean feature reads), and its label."""
+def _split_embeddings(model, card, ds: Path, split: str, bag: bool = False):
+    """Each text's mean token embedding (what the token mean feature reads), or with `bag` its
+    token-bag features, and its label."""
     from featx.batching import make_collate
     from featx.models.model import masked_mean
 
@@ -422,20 +423,16 @@ def _split_embeddings(model, card, ds: Path, split: str) -> tuple[np.ndarray, np
     xs, ys = [], []
     with torch.no_grad():
         for x, lengths, labels, _ in data.batches(split, collate):
-            xs.append(masked_mean(model.stem.embed(x), lengths).numpy())
+            part = model.bag(x, lengths) if bag else masked_mean(model.stem.embed(x), lengths)
+            xs.append(part.numpy())
             ys.append(labels.numpy())
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def test_text_embeddings_start_from_the_train_splits_topics(tmp_path):
-    """Before any step, each text's mean token embedding lies nearest its own topic's centre
-    when a contrastive run's embeddings start as featx's default says (an LSA of the train
-    split); from N(0, 1) (`--text-init random`), the six shared filler words of each text blur
-    the three that tell its topic."""
-    from featx.config import IngestConfig, TrainConfig
-    from featx.dataset import load_card
+def _topic_corpus(tmp_path: Path) -> Path:
+    """Four topics; each text is 3 of its topic's words among 6 shared fillers. Ingested."""
+    from featx.config import IngestConfig
     from featx.ingest import ingest
-    from featx.train_loop import setup_model
 
     rng = np.random.default_rng(0)
     for topic, words in TOPICS.items():
@@ -446,6 +443,29 @@ def test_text_embeddings_start_from_the_train_splits_topics(tmp_path):
             (tmp_path / "src" / topic / f"{i:02d}.txt").write_text(" ".join(text))
     ds = tmp_path / "ds"
     ingest(IngestConfig.parse(src=tmp_path / "src", out=ds, val_fraction=0.25))
+    return ds
+
+
+def _nearest_topic_accuracy(model, card, ds: Path, bag: bool = False) -> float:
+    """How many val texts lie nearest (cosine) their own topic's centre of the train texts."""
+    (x_tr, y_tr), (x_va, y_va) = (
+        _split_embeddings(model, card, ds, s, bag) for s in ("train", "val")
+    )
+    x_tr, x_va = (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12) for x in (x_tr, x_va))
+    centres = np.stack([x_tr[y_tr == c].mean(axis=0) for c in range(len(TOPICS))])
+    return float(((x_va @ centres.T).argmax(axis=1) == y_va).mean())
+
+
+def test_text_embeddings_start_from_the_train_splits_topics(tmp_path):
+    """Before any step, each text's mean token embedding lies nearest its own topic's centre
+    when a contrastive run's embeddings start as featx's default says (an LSA of the train
+    split); from N(0, 1) (`--text-init random`), the six shared filler words of each text blur
+    the three that tell its topic."""
+    from featx.config import TrainConfig
+    from featx.dataset import load_card
+    from featx.train_loop import setup_model
+
+    ds = _topic_corpus(tmp_path)
     card = load_card(ds)
     tokenizer = str(ds / "tokenizer.json")
 
@@ -454,14 +474,51 @@ def test_text_embeddings_start_from_the_train_splits_topics(tmp_path):
             dataset=ds, out=tmp_path / "run", model="cnn", objective="contrastive", **options
         ).resolve(card)
         model = setup_model(cfg, card, tokenizer, data_start=True)
-        (x_tr, y_tr), (x_va, y_va) = (
-            _split_embeddings(model, card, ds, s) for s in ("train", "val")
-        )
-        x_tr, x_va = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (x_tr, x_va))
-        centres = np.stack([x_tr[y_tr == c].mean(axis=0) for c in range(len(TOPICS))])
-        return float(((x_va @ centres.T).argmax(axis=1) == y_va).mean())
+        return _nearest_topic_accuracy(model, card, ds)
 
     lsa, random = nearest_topic_accuracy(), nearest_topic_accuracy(text_init="random")
     assert lsa >= 0.95 and 1 - lsa <= (1 - random) / 2, (
         f"val texts nearest their topic's centre: {lsa:.3f} from LSA, {random:.3f} from N(0, 1)"
     )
+
+
+def test_the_token_bag_is_fitted_on_the_train_split_and_tells_its_topics(tmp_path):
+    """A contrastive text model's token bag, as rank 0 fits it before training: the val texts'
+    bag features lie nearest their own topic's centre. A model whose bag was not fitted (the
+    other ranks, before DDP hands them rank 0's) has nothing there."""
+    from featx.config import TrainConfig
+    from featx.dataset import load_card
+    from featx.train_loop import setup_model
+
+    ds = _topic_corpus(tmp_path)
+    card = load_card(ds)
+    cfg = TrainConfig.parse(
+        dataset=ds, out=tmp_path / "run", model="attention", objective="contrastive"
+    ).resolve(card)
+    fitted = setup_model(cfg, card, str(ds / "tokenizer.json"), fit_bag=True)
+    accuracy = _nearest_topic_accuracy(fitted, card, ds, bag=True)
+    assert accuracy >= 0.95, f"val texts nearest their topic's centre by the bag: {accuracy:.3f}"
+    unfitted = setup_model(cfg, card, str(ds / "tokenizer.json"))
+    assert not unfitted.bag.proj.any() and fitted.bag.proj.any()
+
+
+def test_a_warm_start_copies_trained_weights_and_keeps_the_new_versions_token_bag(tmp_path):
+    """A new dataset version warm-starts from the previous model's weights, but its token bag
+    is fitted on its own train split: the previous one is not copied over it."""
+    from featx.models import create_model
+    from featx.train_loop import warm_start
+
+    def model(fill: float):
+        torch.manual_seed(0)
+        m = create_model("rnn", "text", 2, vocab_size=40, token_bag=True, bag_dim=8)
+        with torch.no_grad():
+            m.stem.embed.weight.fill_(fill)
+            m.bag.proj.fill_(fill)
+        return m
+
+    previous, new = model(1.0), model(2.0)
+    torch.save(previous.state_dict(), tmp_path / "model.pt")
+    copied, total = warm_start(new, str(tmp_path / "model.pt"))
+    assert copied == total - 3  # every tensor but the bag's keys, idf and projection
+    assert torch.equal(new.stem.embed.weight, previous.stem.embed.weight)
+    assert (new.bag.proj == 2.0).all()

@@ -63,6 +63,7 @@ class FeatureModel(nn.Module):
         modality: str,
         preset: str,
         config: dict[str, Any],
+        bag: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.stem = stem
@@ -78,11 +79,19 @@ class FeatureModel(nn.Module):
         # features under log-mel statistics on spoken digits (0.888 against 0.944).
         frame_dim = getattr(stem, "frame_dim", None)  # only audio stems that embed frames
         self.frame_stats = bool(config.get("frame_stats") and frame_dim)
+        # Text with a `bag` (`token_bag`): the features end with an LSA of the text's tokens and
+        # token pairs, fitted on the train split and not trained (`TokenBag`). A dense summary of a
+        # text needs hundreds of numbers to keep what tf-idf's probe reads; the encoder's 128-192
+        # could not, on any corpus measured.
+        self.bag = bag
+        bag_dim = bag.proj.shape[1] if bag is not None else 0
         self.feature_dim: int = (
             encoder.feature_dim
             + (stem.embed.embedding_dim if self.token_mean else 0)
             + (2 * frame_dim if self.frame_stats else 0)
+            + bag_dim
         )
+        self.trained_dim = self.feature_dim - bag_dim  # what training shapes: all but the bag
         self.head_drop = nn.Dropout(dropout)
         self.head = nn.Linear(self.feature_dim, num_classes)
         self.model_name = model_name
@@ -91,14 +100,17 @@ class FeatureModel(nn.Module):
         self.config = config
 
     def forward_features(
-        self, x: torch.Tensor, lengths: torch.Tensor | None = None
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None, *, bag: bool = True
     ) -> torch.Tensor:
+        """(B, feature_dim); with `bag=False`, the first `trained_dim` of them only."""
         h, steps = self.stem(x, lengths)
         features = self.encoder(h, steps)
         if self.token_mean:
             features = torch.cat([features, masked_mean(self.stem.embed(x), steps)], dim=1)
         if self.frame_stats:
             features = torch.cat([features, masked_mean_std(h, steps)], dim=1)
+        if bag and self.bag is not None:
+            features = torch.cat([features, self.bag(x, steps).to(features.dtype)], dim=1)
         return features
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:

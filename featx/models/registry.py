@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from featx.models.model import FeatureModel
+from featx.models.stems import TokenBag
 
 MODALITIES = ("image", "text", "audio")
 
@@ -26,8 +27,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
 # both on. token_mean: text features also hold the mean of the token embeddings; other
 # modalities ignore it. frame_stats: audio features of the families that embed frames (rnn,
 # attention) also hold the mean and standard deviation of the frame embeddings; the cnn and
-# other modalities ignore it.
-COMMON: dict[str, Any] = {"token_mean": False, "frame_stats": False}
+# other modalities ignore it. token_bag: text features end with `bag_dim` numbers of an LSA of
+# the text's tokens and adjacent token pairs, the `bag_columns` (at most) most texts hold.
+COMMON: dict[str, Any] = {
+    "token_mean": False,
+    "frame_stats": False,
+    "token_bag": False,
+    "bag_dim": 1024,
+    "bag_columns": 10_000,
+}
 # Fields added to a family's presets after models were saved, with the value that rebuilds
 # those models: a config without `freq_conv` (rnn, attention) predates the audio convs.
 SAVED_BEFORE: dict[str, Any] = {"freq_conv": False}
@@ -162,6 +170,11 @@ def create_model(
         raise ValueError(f"cannot build {name!r}/{modality}: " + "; ".join(problems))
 
     stem, encoder = _BUILDERS[name](modality, cfg, vocab_size=vocab_size, sample_rate=sample_rate)
+    bag = None
+    if modality == "text" and cfg["token_bag"]:
+        # at most bag_columns tokens and pairs; a small vocabulary's texts hold fewer
+        columns = min(cfg["bag_columns"], 5 * vocab_size)
+        bag = TokenBag(vocab_size, cfg["bag_dim"], columns)
     config = {
         "name": name,
         "modality": modality,
@@ -180,4 +193,5 @@ def create_model(
         modality=modality,
         preset=preset,
         config=config,
+        bag=bag,
     )

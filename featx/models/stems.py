@@ -153,6 +153,41 @@ class TextStem(nn.Module):
         return (h if self.channels_first else h.transpose(1, 2)), lengths
 
 
+class TokenBag(nn.Module):
+    """(B, S) token ids padded with 0 -> (B, dim): latent semantic analysis of each text's bag
+    of tokens and adjacent token pairs, fitted on the train split (`featx.recipe.fit_token_bag`).
+
+    `keys` (sorted) names the `columns` counted: a token id `t`, or a pair `V + a * V + b` (V
+    the vocabulary size), the ones most train texts hold. A text's counts of them, then tf-idf
+    (1 + log of the count, times the idf), L2-normalised, projected to `dim` numbers: what
+    scikit-learn's `TfidfTransformer(sublinear_tf=True)` and `TruncatedSVD.transform` give. Its
+    tensors are fitted, not trained: frozen parameters, so DDP hands rank 0's to every rank
+    when it wraps the model and does not send them again each step, as it would buffers.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, columns: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        unused = torch.arange(columns, dtype=torch.long) + vocab_size * (vocab_size + 1)
+        self.keys = nn.Parameter(unused, requires_grad=False)  # past every real key
+        self.idf = nn.Parameter(torch.zeros(columns), requires_grad=False)
+        self.proj = nn.Parameter(torch.zeros(columns, dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        v = self.vocab_size
+        valid = length_mask(lengths, x.shape[1])
+        ids = x.long()
+        pairs = v + ids[:, :-1] * v + ids[:, 1:]
+        keys = torch.cat([ids, pairs], dim=1)
+        valid = torch.cat([valid, valid[:, 1:]], dim=1)  # a pair is valid where its 2nd token is
+        column = torch.searchsorted(self.keys, keys).clamp(max=len(self.keys) - 1)
+        hit = (self.keys[column] == keys) & valid
+        counts = x.new_zeros((x.shape[0], len(self.keys)), dtype=self.proj.dtype)
+        counts.scatter_add_(1, column, hit.to(counts.dtype))
+        tf = torch.where(counts > 0, 1 + torch.log(counts.clamp(min=1)), 0)
+        return F.normalize(tf * self.idf, dim=1) @ self.proj
+
+
 class FreqConv(nn.Module):
     """3x3 conv that halves the mel bins and keeps every frame -> MaskedBatchNorm -> GELU.
 

@@ -9,11 +9,14 @@ logistic regression fitted on train, scored on val. No labels reach the SVD.
 A second row gives the start of a featx contrastive text model's token embeddings (`featx
 train --text-init lsa`, `featx.recipe.lsa_embeddings`): a tokenizer fitted on the train texts
 as `featx ingest` fits it, the LSA embeddings of each width, and each text's mean embedding,
-which is what the model's token mean feature reads before its first step.
+which is what the model's token mean feature reads before its first step. A third row gives
+featx's token bag (`featx.recipe.fit_token_bag`): the fitted LSA of each text's tokens and
+adjacent token pairs that ends a contrastive text feature (1,024 numbers by default).
 
-A featx text feature has 128 (cnn, attention) or 192 (rnn) numbers with the small preset. Read
-its probe accuracy in `bench_quality.py` against the SVD row of about its width: that is what
-an unsupervised summary of that size can keep of what tf-idf's probe uses.
+The trained part of a featx text feature has 128 (cnn, attention) or 192 (rnn) numbers with
+the small preset. Read its probe accuracy in `bench_quality.py` against the SVD row of about
+its width: that is what an unsupervised summary of that size can keep of what tf-idf's probe
+uses.
 
 Usage: python tests/benchmarks/bench_text_width.py [--corpora debian,docstrings]
        [--widths 64,128,256,512,1024] [--workdir DIR] [--json F]
@@ -65,20 +68,24 @@ def widths_of(root: Path, widths: list[int]) -> dict:
         probe.fit(svd.transform(x_tr), y[tr])
         row["svd"][k] = round(probe.score(svd.transform(x_va), y[va]), 4)
         print(f"  svd {k:5d}: {row['svd'][k]:.3f}", flush=True)
-    row["lsa_start"] = lsa_start(texts, y, tr, va, widths)
+    row["lsa_start"], row["token_bag"] = lsa_start(texts, y, tr, va, widths)
     return row
 
 
-def lsa_start(texts: list[str], y, tr, va, widths: list[int]) -> dict[int, float]:
-    """Probe accuracy of the mean token embedding of featx's LSA start, per width."""
+def lsa_start(texts: list[str], y, tr, va, widths: list[int]) -> tuple[dict, dict]:
+    """Probe accuracy, per width, of the mean token embedding of featx's LSA start, and of
+    featx's token bag (`featx.recipe.fit_token_bag`, the fitted part of a contrastive text
+    feature) fitted on the train texts."""
     import numpy as np
+    from sklearn.feature_extraction.text import TfidfTransformer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from tokenizers import Tokenizer
 
     from featx.config import IngestConfig
-    from featx.recipe import lsa_embeddings
+    from featx.models.registry import COMMON
+    from featx.recipe import bag_counts, fit_token_bag, lsa_embeddings
     from featx.tokenizer import fit_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,14 +93,21 @@ def lsa_start(texts: list[str], y, tr, va, widths: list[int]) -> dict[int, float
         fit_tokenizer((texts[i] for i in tr), IngestConfig.model_fields["vocab_size"].default, path)
         tok = Tokenizer.from_file(str(path))
     ids = [e.ids or [1] for e in tok.encode_batch(texts)]
-    out = {}
+    out, bag = {}, {}
+    columns = COMMON["bag_columns"]
     for k in widths:
         emb = lsa_embeddings((ids[i] for i in tr), tok.get_vocab_size(), k, seed=0).numpy()
         x = np.stack([emb[i].mean(axis=0) for i in ids])
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
         out[k] = round(probe.fit(x[tr], y[tr]).score(x[va], y[va]), 4)
         print(f"  featx LSA start {k:5d}: {out[k]:.3f}", flush=True)
-    return out
+        fitted = fit_token_bag([ids[i] for i in tr], tok.get_vocab_size(), k, columns, seed=0)
+        x = bag_counts(ids, tok.get_vocab_size(), fitted["keys"].numpy())
+        x = TfidfTransformer(sublinear_tf=True).fit(x[tr]).transform(x) @ fitted["proj"].numpy()
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+        bag[k] = round(probe.fit(x[tr], y[tr]).score(x[va], y[va]), 4)
+        print(f"  featx token bag {k:5d}: {bag[k]:.3f}", flush=True)
+    return out, bag
 
 
 def main() -> dict:
@@ -132,6 +146,8 @@ def main() -> dict:
         lines.append(f"| {name} | {r['tfidf']:.3f} ({r['tfidf_columns']}) | {cells} |")
         cells = " | ".join(f"{r['lsa_start'][w]:.3f}" for w in widths)
         lines.append(f"| {name}, featx LSA start (token mean) | - | {cells} |")
+        cells = " | ".join(f"{r['token_bag'][w]:.3f}" for w in widths)
+        lines.append(f"| {name}, featx token bag | - | {cells} |")
     result = {
         "rows": rows,
         "skipped": skipped,
