@@ -132,6 +132,8 @@ def auto_epochs(n_train: int, workers: int, batch_size: int, contrastive: bool =
 # and 0.483 / 0.475 / 0.442. Supervised runs gained nothing from it (-3.4 to +2.1 points on the
 # same corpora), so they start from N(0, 1). The first LSA_MAX_TEXTS texts are enough for it.
 LSA_MAX_TEXTS = 200_000
+# The token bag (`fit_token_bag`) is an SVD to 1,024 components: its first BAG_MAX_TEXTS texts.
+BAG_MAX_TEXTS = 50_000
 
 
 def lsa_embeddings(docs, vocab_size: int, dim: int, seed: int = 0) -> torch.Tensor | None:
@@ -184,7 +186,6 @@ def fit_token_bag(
     """
     from collections import Counter
 
-    import numpy as np
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfTransformer
 

@@ -303,14 +303,16 @@ def init_text_embeddings(model: torch.nn.Module, cfg: TrainConfig, texts) -> boo
     return True
 
 
-def fit_text_bag(model: torch.nn.Module, cfg: TrainConfig, texts) -> bool:
-    """Fit the model's token bag (`featx.recipe.fit_token_bag`) on the train split's `texts`;
-    False (the bag stays zero) if the split is too small for it."""
-    from featx.recipe import fit_token_bag
+def fit_text_bag(model: torch.nn.Module, cfg: TrainConfig, texts: list) -> bool:
+    """Fit the model's token bag (`featx.recipe.fit_token_bag`) on the train split's first
+    BAG_MAX_TEXTS `texts`; False (the bag stays zero) if the split is too small for it."""
+    from featx.recipe import BAG_MAX_TEXTS, fit_token_bag
 
     bag = model.bag
     t0 = time.perf_counter()
-    fitted = fit_token_bag(texts, bag.vocab_size, bag.proj.shape[1], len(bag.keys), cfg.seed)
+    fitted = fit_token_bag(
+        texts[:BAG_MAX_TEXTS], bag.vocab_size, bag.proj.shape[1], len(bag.keys), cfg.seed
+    )
     if fitted is None:
         return False
     with torch.no_grad():
