@@ -71,24 +71,30 @@ def _rank(rank: int, world: int, port: int, shares, out) -> None:
     os._exit(0)
 
 
+def _two_ranks(args, target):
+    """Run `target(*args(rank, port, queue))` in two spawned gloo ranks; rank 0's result."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=args(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    result = out.get(timeout=120)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    return result
+
+
 def test_loss_gathered_across_two_ranks_equals_one_process_on_the_whole_batch():
     """Negatives come from every rank, with gradients through the gather: two gloo ranks
     holding 5 and 3 samples (so one pads its rows) get the same loss and, once DDP averages
     them, the same gradients as one process with all 8; for the label-free loss and for
     supervised contrastive."""
     shares = (5, 3)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, shares, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    distributed = out.get(timeout=120)
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    distributed = _two_ranks(lambda rank, port, out: (rank, 2, port, shares, out), _rank)
 
     x, labels = _batch(sum(shares))
     for use_labels, ((d_summed, d_seen), d_grads) in zip((False, True), distributed, strict=True):
@@ -252,17 +258,6 @@ def _bag_rank(rank: int, port: int, out) -> None:
 def test_ddp_hands_rank_0s_token_bag_to_every_rank_and_training_leaves_it():
     """A contrastive text model's token bag is fitted on rank 0 only: DDP's wrap hands it to
     the other ranks, and two DDP steps train the encoder around it without moving it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_bag_rank, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = out.get(timeout=120)
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    result = _two_ranks(lambda rank, port, out: (rank, port, out), _bag_rank)
     assert result["fitted"] and result["same_bag"], result
     assert result["bag_kept"] and result["trained"] and np.isfinite(result["loss"]), result
