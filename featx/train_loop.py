@@ -314,6 +314,12 @@ def fit_text_bag(model: torch.nn.Module, cfg: TrainConfig, texts: list) -> bool:
         texts[:BAG_MAX_TEXTS], bag.vocab_size, bag.proj.shape[1], len(bag.keys), cfg.seed
     )
     if fitted is None:
+        log.warning(
+            "token bag: the train split is too small for an LSA (%d texts); its %d feature "
+            "columns stay zero",
+            len(texts),
+            bag.proj.shape[1],
+        )
         return False
     with torch.no_grad():
         for name, value in fitted.items():

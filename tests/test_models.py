@@ -387,6 +387,7 @@ def test_token_bag_is_the_tfidf_lsa_of_each_texts_own_tokens_and_pairs():
     docs = [rng.integers(2, vocab, rng.integers(2, 30)).tolist() for _ in range(150)]
     docs += [[5, 6, 5, 6, 7], [6, 5, 6, 5, 7]] * 10
     fitted = fit_token_bag(docs, vocab, dim, columns)
+    assert fit_token_bag(docs[:1], vocab, dim, columns) is None  # one text: no component
     model = build("cnn", "text", token_bag=True, bag_dim=dim, bag_columns=columns).eval()
     with torch.no_grad():
         for name, value in fitted.items():
