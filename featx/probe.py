@@ -331,19 +331,18 @@ def _random_model(folder: Path, manifest: dict, dataset: Path, seed: int) -> Pat
     trained = load_meta(source)
     # A text model's token bag is fitted on the data, not trained: the baseline keeps the
     # trained model's, so that it measures what training adds.
-    fitted_from = trained["sha256"][MODEL_FILE] if manifest["model"].get("token_bag") else None
+    torch.manual_seed(seed)
+    model = rebuild_model(manifest["model"])
+    fitted = model.fitted_keys()
+    fitted_from = trained["sha256"][MODEL_FILE] if fitted else None
     if (folder / META_FILE).exists():
         meta = json.loads((folder / META_FILE).read_text())
         same = meta.get("model") == saved_config(manifest["model"])
         if same and meta.get("baseline_seed") == seed and meta.get("fitted_from") == fitted_from:
             return folder
-    torch.manual_seed(seed)
-    model = rebuild_model(manifest["model"])
-    if fitted_from:
+    if fitted:
         state = torch.load(Path(source) / MODEL_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(
-            {k: v for k, v in state.items() if k.startswith("bag.")}, strict=False
-        )
+        model.load_state_dict({k: state[k] for k in fitted}, strict=False)
     card = load_card(dataset)
     # Text models must tokenise exactly like the trained model: save_model_dir copies
     # `dataset / card["tokenizer"]`, so point it at the trained model's own tokenizer.

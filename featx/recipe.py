@@ -143,21 +143,11 @@ def lsa_embeddings(docs, vocab_size: int, dim: int, seed: int = 0) -> torch.Tens
     zeros. `docs` yields each text's token ids (padding excluded). None when the split is too
     small for even one component.
     """
-    import numpy as np
-    import scipy.sparse as sp
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfTransformer
 
-    rows, cols = [], []
-    n = 0
-    for n, ids in enumerate(docs, 1):
-        rows.append(np.full(len(ids), n - 1))
-        cols.append(np.asarray(ids))
-    if not rows:
-        return None
-    row, col = np.concatenate(rows), np.concatenate(cols)
-    counts = sp.csr_matrix((np.ones(len(row)), (row, col)), shape=(n, vocab_size))
-    k = min(dim, n - 1, vocab_size - 1)
+    counts = bag_counts(list(docs), vocab_size, np.arange(vocab_size))  # the tokens alone
+    k = min(dim, counts.shape[0] - 1, vocab_size - 1)
     if k < 1:
         return None
     tfidf = TfidfTransformer(sublinear_tf=True).fit_transform(counts)
@@ -233,4 +223,4 @@ def bag_counts(docs, vocab_size: int, keys):
         rows.append(np.full(int(hit.sum()), row))
         cols.append(column[hit])
     row, col = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (rows, cols))
-    return sp.csr_matrix((np.ones(len(row), np.float32), (row, col)), shape=(len(docs), len(keys)))
+    return sp.csr_matrix((np.ones(len(row)), (row, col)), shape=(len(docs), len(keys)))

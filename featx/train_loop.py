@@ -206,10 +206,9 @@ def warm_start(model: torch.nn.Module, weights: str) -> tuple[int, int]:
     is not copied: it is fitted on each version's own train split."""
     state = torch.load(weights, map_location="cpu", weights_only=True)
     own = model.state_dict()
+    fitted = model.fitted_keys()
     same = {
-        k: v
-        for k, v in state.items()
-        if k in own and own[k].shape == v.shape and not k.startswith("bag.")
+        k: v for k, v in state.items() if k in own and own[k].shape == v.shape and k not in fitted
     }
     model.load_state_dict(same, strict=False)
     return len(same), len(own)
@@ -258,7 +257,10 @@ def setup_model(
     )
     lsa = data_start and card["modality"] == "text" and cfg.text_init == "lsa"
     if lsa or (fit_bag and model.bag is not None):
-        texts = train_token_ids(cfg, card, tokenizer, exclude)
+        from featx.recipe import BAG_MAX_TEXTS, LSA_MAX_TEXTS
+
+        limit = LSA_MAX_TEXTS if lsa else BAG_MAX_TEXTS
+        texts = train_token_ids(cfg, card, tokenizer, limit, exclude)
         if lsa:
             init_text_embeddings(model, cfg, texts)
         if fit_bag and model.bag is not None:
@@ -266,13 +268,14 @@ def setup_model(
     return model
 
 
-def train_token_ids(cfg: TrainConfig, card: dict, tokenizer: str, exclude=()) -> list[list[int]]:
-    """The token ids of the train split's first LSA_MAX_TEXTS texts (padding excluded), read
-    and tokenized as training batches them, without the `exclude` keys."""
+def train_token_ids(
+    cfg: TrainConfig, card: dict, tokenizer: str, limit: int, exclude=()
+) -> list[list[int]]:
+    """The token ids of the train split's first `limit` texts (padding excluded), read and
+    tokenized as training batches them, without the `exclude` keys."""
     import itertools
 
     from featx.batching import make_collate
-    from featx.recipe import LSA_MAX_TEXTS
 
     data = setup_data("shards", card, cfg.dataset, ["train"], 256, torch.device("cpu"))
     data.exclude = frozenset(exclude)
@@ -282,7 +285,7 @@ def train_token_ids(cfg: TrainConfig, card: dict, tokenizer: str, exclude=()) ->
         for x, lengths, _, _ in data.batches("train", collate)
         for ids, n in zip(x.tolist(), lengths.tolist(), strict=True)
     )
-    return list(itertools.islice(texts, LSA_MAX_TEXTS))
+    return list(itertools.islice(texts, limit))
 
 
 def init_text_embeddings(model: torch.nn.Module, cfg: TrainConfig, texts) -> bool:

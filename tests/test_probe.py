@@ -360,14 +360,15 @@ def test_the_random_init_baseline_keeps_a_text_models_fitted_token_bag(words_ds,
     card = load_card(words_ds)
     tokenizer = str(words_ds / card["tokenizer"])
 
-    def trained(seed: int) -> tuple[torch.nn.Module, dict]:
+    def trained(version: int) -> tuple[torch.nn.Module, dict]:
         cfg = TrainConfig.parse(
-            dataset=words_ds, out=tmp_path / "run", model="cnn", objective="contrastive", seed=seed
+            dataset=words_ds, out=tmp_path / "run", model="cnn", objective="contrastive"
         ).resolve(card)
         model = setup_model(cfg, card, tokenizer, fit_bag=True)
         with torch.no_grad():  # stands in for training: weights no random init gives
             model.stem.embed.weight.fill_(0.5)
-        folder = tmp_path / f"model-{seed}"
+            model.bag.proj.mul_(version)  # stands in for a bag fitted on other data
+        folder = tmp_path / f"model-{version}"
         save_model_dir(folder, model, card, words_ds, metrics={})
         return model, {"model_dir": str(folder), "model": model.config}
 
@@ -375,11 +376,11 @@ def test_the_random_init_baseline_keeps_a_text_models_fitted_token_bag(words_ds,
         folder = _random_model(tmp_path / "baseline", manifest, words_ds, seed=0)
         return torch.load(folder / MODEL_FILE, weights_only=True)
 
-    model, manifest = trained(seed=0)
+    model, manifest = trained(version=1)
     base = baseline(manifest)
     bag = [k for k in model.state_dict() if k.startswith("bag.")]
     assert bag and all(torch.equal(base[k], model.state_dict()[k]) for k in bag)
     assert not torch.equal(base["stem.embed.weight"], model.stem.embed.weight)
-    other, manifest = trained(seed=1)  # another SVD start: another bag
+    other, manifest = trained(version=2)
     assert not torch.equal(other.bag.proj, model.bag.proj)
     assert torch.equal(baseline(manifest)["bag.proj"], other.bag.proj)

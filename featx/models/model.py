@@ -113,6 +113,11 @@ class FeatureModel(nn.Module):
             features = torch.cat([features, self.bag(x, steps).to(features.dtype)], dim=1)
         return features
 
+    def fitted_keys(self) -> set[str]:
+        """State-dict keys of tensors fitted on a dataset rather than trained (the token bag):
+        a warm start does not copy them, and a random-init baseline keeps them."""
+        return {f"bag.{k}" for k in self.bag.state_dict()} if self.bag is not None else set()
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         # Raw logits: cross-entropy wants them unbounded, so no activation after the head.
         return self.head(self.head_drop(features))
