@@ -11,9 +11,14 @@ ignores them and only the probe reads them. The baselines do not depend on the o
 they are probed once per corpus x family. All stages run in this process on one local Ray, as
 `featx pipeline` runs them.
 
+With `--seeds 0,1,2` each cell is trained, and the random-init baseline drawn, once per seed
+(`featx train --seed S`, `featx probe --seed S`), and the table gives the mean over the seeds;
+the JSON keeps each seed's figure. On a val split of a few hundred samples one seed moves a
+cell by several points, so only means over seeds tell two close figures apart.
+
 Usage: python tests/benchmarks/bench_quality.py [--corpora digits,docstrings,...]
     [--models cnn,rnn,attention] [--objectives supervised,contrastive] [--workdir DIR]
-    [--json F] [--epochs N] [--text-init lsa|random]
+    [--json F] [--epochs N] [--text-init lsa|random] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ def run_one(
     epochs: int | None,
     baselines: bool,
     text_init: str | None = None,
+    seed: int = 0,
 ) -> dict:
-    """Train one family with one objective, extract and probe; the baselines only if asked."""
+    """Train one family with one objective and seed, extract and probe; the baselines only if
+    asked (the random-init baseline from the same seed)."""
     from featx.config import ExtractConfig, ProbeConfig
     from featx.dataset import load_card
     from featx.extract import extract
@@ -50,11 +57,13 @@ def run_one(
     load_start = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
     name = model if objective == "supervised" else f"{model}-{objective}"
+    name += f"-seed{seed}" if seed else ""  # seed 0 keeps the names of runs before --seeds
     values = {
         "dataset": ds,
         "out": work / f"run-{name}",
         "model": model,
         "objective": objective,
+        "seed": seed,
     }
     if text_init:
         values["text_init"] = text_init
@@ -68,10 +77,11 @@ def run_one(
     feats = work / f"features-{name}"
     extract(ExtractConfig.parse(dataset=ds, checkpoint=cfg.out, out=feats))
     t_extract = time.perf_counter() - t0 - t_train
-    p = probe(ProbeConfig.parse(features=feats, baseline=baselines, classic=baselines))
+    p = probe(ProbeConfig.parse(features=feats, baseline=baselines, classic=baselines, seed=seed))
     last = trained.metrics[-1] if trained.metrics else {}
     return {
         "objective": objective,
+        "seed": seed,
         "trained": p.accuracy,
         "random_init": p.baseline_accuracy,
         "classic": p.classic_accuracy,
@@ -90,12 +100,33 @@ def run_one(
     }
 
 
+def mean_over_seeds(runs: list[dict]) -> dict:
+    """One objective's runs, one per seed, as one: accuracies are the mean over the seeds (each
+    seed's kept in `<key>_per_seed`), the rest is the first seed's."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    for key in ("trained", "random_init", "knn_accuracy", "best_val_accuracy"):
+        values = [r.get(key) for r in runs]
+        if all(v is not None for v in values):
+            out[key] = round(sum(values) / len(values), 4)
+            out[f"{key}_per_seed"] = values
+    out.pop("seed")
+    out["seeds"] = [r["seed"] for r in runs]
+    out["epochs_per_seed"] = [r["epochs"] for r in runs]
+    out["train_s"] = round(sum(r["train_s"] for r in runs) / len(runs), 1)
+    return out
+
+
 def merge(runs: list[dict]) -> dict:
-    """One corpus x family row from its runs (one per objective); the first run probed the
-    baselines. The top-level `trained`, `epochs`, `train_s` and `beats_both` are the first
-    objective's, so a reader of the older one-objective rows reads them unchanged."""
+    """One corpus x family row from its runs (one per objective, each already averaged over
+    seeds); the first run probed the baselines. The top-level `trained`, `epochs`, `train_s`
+    and `beats_both` are the first objective's, so a reader of the older one-objective rows
+    reads them unchanged."""
     first = runs[0]
     base = {k: first[k] for k in ("random_init", "classic", "classic_features", "majority")}
+    if "random_init_per_seed" in first:
+        base["random_init_per_seed"] = first["random_init_per_seed"]
     best = max(base["random_init"] or 0, base["classic"] or 0)
     by_objective = {}
     for r in runs:
@@ -127,7 +158,10 @@ def table(rows: list[dict]) -> str:
         acc = " | ".join(
             f"**{o['trained']:.3f}**" if o["beats_both"] else f"{o['trained']:.3f}" for o in runs
         )
-        epochs = " / ".join(f"{o['epochs']}/{o['max_epochs']}" for o in runs)
+        epochs = " / ".join(
+            f"{','.join(map(str, o.get('epochs_per_seed', [o['epochs']])))}/{o['max_epochs']}"
+            for o in runs
+        )
         secs = " / ".join(f"{o['train_s']:.0f}" for o in runs)
         lines.append(
             f"| {r['corpus']} | {r['samples']} | {r['model']} | {acc} "
@@ -154,6 +188,11 @@ def main() -> dict:
         help="where text models' token embeddings start (featx train --text-init; default: "
         "featx's)",
     )
+    ap.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds; each cell is the mean over them (default: 0)",
+    )
     ap.add_argument("--workdir", type=Path, help="keep corpora, datasets and runs here")
     ap.add_argument("--json", type=Path, help="also write the result to this file")
     args = ap.parse_args()
@@ -161,6 +200,12 @@ def main() -> dict:
     unknown = sorted(set(names) - set(corpora.CORPORA))
     if unknown:
         ap.error(f"unknown corpus {', '.join(unknown)}; known: {', '.join(corpora.CORPORA)}")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--seeds takes comma-separated integers, not {args.seeds!r}")
+    if not seeds:
+        ap.error("--seeds needs at least one seed")
     objectives = [o for o in args.objectives.split(",") if o]
     bad = sorted(set(objectives) - set(OBJECTIVES)) or (not objectives and ["(none)"])
     if bad:
@@ -188,14 +233,20 @@ def main() -> dict:
                 ingest(IngestConfig.parse(src=work / "corpora" / name, out=ds, val_fraction=0.2))
             for model in args.models.split(","):
                 runs = [
-                    run_one(
-                        ds,
-                        work / "runs" / name,
-                        model,
-                        o,
-                        args.epochs,
-                        baselines=i == 0,
-                        text_init=args.text_init,
+                    mean_over_seeds(
+                        [
+                            run_one(
+                                ds,
+                                work / "runs" / name,
+                                model,
+                                o,
+                                args.epochs,
+                                baselines=i == 0,
+                                text_init=args.text_init,
+                                seed=seed,
+                            )
+                            for seed in seeds
+                        ]
                     )
                     for i, o in enumerate(objectives)
                 ]
@@ -215,6 +266,7 @@ def main() -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "objectives": objectives,
+        "seeds": seeds,
         "rows": rows,
         "skipped": skipped,
         "beats_both": sum(r["beats_both"] for r in rows),
