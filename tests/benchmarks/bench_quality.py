@@ -102,9 +102,8 @@ def run_one(
 
 def mean_over_seeds(runs: list[dict]) -> dict:
     """One objective's runs, one per seed, as one: accuracies are the mean over the seeds (each
-    seed's kept in `<key>_per_seed`), the rest is the first seed's."""
-    if len(runs) == 1:
-        return runs[0]
+    seed's kept in `<key>_per_seed`), the rest is the first seed's. One seed gives the same
+    shape, its lists one long."""
     out = dict(runs[0])
     for key in ("trained", "random_init", "knn_accuracy", "best_val_accuracy"):
         values = [r.get(key) for r in runs]
@@ -124,9 +123,8 @@ def merge(runs: list[dict]) -> dict:
     and `beats_both` are the first objective's, so a reader of the older one-objective rows
     reads them unchanged."""
     first = runs[0]
-    base = {k: first[k] for k in ("random_init", "classic", "classic_features", "majority")}
-    if "random_init_per_seed" in first:
-        base["random_init_per_seed"] = first["random_init_per_seed"]
+    keys = ("random_init", "random_init_per_seed", "classic", "classic_features", "majority")
+    base = {k: first.get(k) for k in keys}
     best = max(base["random_init"] or 0, base["classic"] or 0)
     by_objective = {}
     for r in runs:
@@ -159,8 +157,7 @@ def table(rows: list[dict]) -> str:
             f"**{o['trained']:.3f}**" if o["beats_both"] else f"{o['trained']:.3f}" for o in runs
         )
         epochs = " / ".join(
-            f"{','.join(map(str, o.get('epochs_per_seed', [o['epochs']])))}/{o['max_epochs']}"
-            for o in runs
+            f"{','.join(map(str, o['epochs_per_seed']))}/{o['max_epochs']}" for o in runs
         )
         secs = " / ".join(f"{o['train_s']:.0f}" for o in runs)
         lines.append(
