@@ -364,11 +364,38 @@ def test_audio_frame_statistics_are_over_each_clips_own_frames(name):
     assert not torch.allclose(together[0, -2 * dim :], together[1, -2 * dim :], atol=1e-3)
 
 
-def test_frame_statistics_are_for_models_that_embed_audio_frames():
+def test_frame_statistics_are_for_audio_only():
     for name, modality in COMBOS:
         plain, with_stats = build(name, modality), build(name, modality, frame_stats=True)
-        grows = modality == "audio" and name != "cnn"  # the cnn reads the log-mel grid
+        grows = modality == "audio"
         assert (with_stats.feature_dim > plain.feature_dim) == grows, (name, modality)
+
+
+def test_cnn_audio_band_means_keep_each_band_and_each_clips_own_frames():
+    """With frame statistics, the audio cnn pools each channel in each frequency band of its last
+    stage over a clip's valid frames: the same for a clip alone and padded beside a longer one.
+    Averaged over the bands, they are exactly the grid mean that the same weights pool without
+    them; the bands themselves differ."""
+    torch.manual_seed(0)
+    model = build("cnn", "audio", frame_stats=True).eval()
+    channels, bins = model.config["widths"][-1], 5  # 40 mel bins, halved by 3 stages
+    assert model.feature_dim == channels * bins
+    gen = torch.Generator().manual_seed(1)
+    short, long = sample("audio", 2345, gen), sample("audio", 5003, gen)
+    x, lengths = pad([short, long])
+    plain = build("cnn", "audio").eval()
+    # the same weights (all but the head, which reads another width), pooled over the grid
+    trunk = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    assert not plain.load_state_dict(trunk, strict=False).unexpected_keys
+    with torch.no_grad():
+        together = model.forward_features(x, lengths)
+        alone = model.forward_features(short[None], torch.tensor([2345]))
+        grid_mean = plain.forward_features(x, lengths)
+    torch.testing.assert_close(together[0:1], alone, atol=1e-5, rtol=0)
+    bands = together.view(2, channels, bins)
+    torch.testing.assert_close(bands.mean(dim=2), grid_mean, atol=1e-5, rtol=0)
+    assert (bands.std(dim=2) > 1e-3).all()  # the bands are not one number repeated
+    assert not torch.allclose(together[0], together[1], atol=1e-3)
 
 
 def test_token_bag_is_the_tfidf_lsa_of_each_texts_own_tokens_and_pairs():
@@ -454,6 +481,9 @@ def test_training_sets_token_mean_and_frame_stats_without_labels_and_resumes_wha
     for model in ("rnn", "attention"):
         assert setup_model(cfg("contrastive", model), audio, None).frame_stats
         assert not setup_model(cfg("supervised", model), audio, None).frame_stats
+    # and the cnn's means per band
+    assert setup_model(cfg("contrastive"), audio, None).encoder.pool == "bands"
+    assert setup_model(cfg("supervised"), audio, None).encoder.pool == "mean"
     # a checkpoint saved before a field existed resumes with the architecture it was built with
     older = (
         (text, str(tok), "token_mean", "cnn"),
@@ -482,6 +512,17 @@ def test_a_config_saved_before_a_field_existed_rebuilds_its_architecture():
     # new audio attention models have the convs, and their config says so
     assert build("attention", "audio").config["freq_conv"] is True
     assert rebuild_model(build("attention", "audio").config).stem.conv is not None
+    # a contrastive audio cnn saved before band means pools its grid as it did
+    before = build("cnn", "audio", frame_stats=True, band_means=False).eval()
+    saved = {k: v for k, v in before.config.items() if k != "band_means"}
+    rebuilt = rebuild_model(json.loads(json.dumps(saved))).eval()
+    rebuilt.load_state_dict(before.state_dict())
+    with torch.no_grad():
+        features = rebuilt.forward_features(x, lengths)
+        assert torch.equal(before.forward_features(x, lengths), features)
+    assert features.shape[1] == build("cnn", "audio").feature_dim
+    new = rebuild_model(build("cnn", "audio", frame_stats=True).config)
+    assert new.feature_dim > features.shape[1]
 
 
 @pytest.mark.parametrize("name", ["cnn", "rnn", "attention"])

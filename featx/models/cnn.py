@@ -4,7 +4,12 @@ Padding never changes a sample's features: after every block the padded steps ar
 so a conv near a clip's end sees the same zeros as at the border of the clip on its own, and the
 pooling counts valid steps only. BatchNorm's training statistics count valid steps only.
 
-Grids (images, spectrograms) halve their resolution per stage and are mean-pooled. Text keeps
+Grids (images, spectrograms) halve their resolution per stage and are mean-pooled. Contrastive
+audio (`frame_stats`, with `band_means`) keeps the frequency axis: its features are the mean over
+a clip's valid frames of every channel in every frequency band of the last stage. A mean over the
+whole grid also averages the bands together, and the bands are where a spectrogram keeps what
+tells sounds apart: contrastive features on spoken digits / spoken words, grid mean -> band means,
+0.940 / 0.971 -> 0.989 / 0.981 (log-mel statistics 0.944 / 0.855). Text keeps
 every token (a stride would merge words) with at least `embed_dim` channels (narrower stages
 would squeeze the embeddings), and is max-pooled: a topic shows in a few telling n-grams
 anywhere in a text, which a mean over hundreds of tokens dilutes (Kim, 2014). Measured on
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featx.models.model import length_mask
+from featx.models.model import length_mask, masked_mean
 from featx.models.registry import register_model
 from featx.models.stems import AudioStem, ImageStem, MaskedBatchNorm, TextStem
 
@@ -48,7 +53,9 @@ class ConvEncoder(nn.Module):
 
     The entry block of a stage has stride 2 (`downsample`) or 1. `lengths` counts valid steps
     along the last axis (text tokens, audio frames); None = all valid. `pool` is "mean" or "max"
-    over the valid steps.
+    over the valid steps, or "bands" for 2-D inputs of `rows` rows (spectrogram bins): the mean
+    over the valid steps of each channel in each row of the last stage, widths[-1] * (rows
+    halved per stage) numbers.
     """
 
     def __init__(
@@ -60,6 +67,7 @@ class ConvEncoder(nn.Module):
         *,
         downsample: bool = True,
         pool: str = "mean",
+        rows: int | None = None,
     ) -> None:
         super().__init__()
         blocks = []
@@ -74,6 +82,11 @@ class ConvEncoder(nn.Module):
         self.residual = [i % (depth + 1) != 0 for i in range(len(blocks))]
         self.pool = pool
         self.feature_dim = widths[-1]
+        if pool == "bands":
+            assert dims == 2 and rows is not None, "pooling per band needs a 2-D grid's rows"
+            for _ in widths if downsample else ():
+                rows = (rows + 1) // 2  # kernel 3, padding 1, stride 2: ceil(rows / 2)
+            self.feature_dim = widths[-1] * rows
 
     def _mask(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         if lengths is None:
@@ -91,6 +104,8 @@ class ConvEncoder(nn.Module):
             y = block(x, lengths)
             x = self._mask(x + y if residual else y, lengths)
         spatial = tuple(range(2, x.ndim))
+        if self.pool == "bands":  # (B, C, rows, T) -> T steps of C * rows numbers
+            return masked_mean(x.flatten(1, 2).transpose(1, 2), lengths)
         if self.pool == "max":
             if lengths is None:
                 return x.amax(dim=spatial)
@@ -102,8 +117,24 @@ class ConvEncoder(nn.Module):
         return x.sum(dim=spatial) / (lengths * per_step).to(x.dtype).unsqueeze(-1)
 
 
-_SMALL = {"widths": [16, 32, 64], "depth": 1, "embed_dim": 64, "n_mels": 40, "dropout": 0.0}
-_BASE = {"widths": [64, 128, 256, 512], "depth": 2, "embed_dim": 256, "n_mels": 64, "dropout": 0.1}
+# band_means: with `frame_stats` (contrastive training), audio pools each frequency band on its
+# own; models saved before the field pool the whole grid (`SAVED_BEFORE`).
+_SMALL = {
+    "widths": [16, 32, 64],
+    "depth": 1,
+    "embed_dim": 64,
+    "n_mels": 40,
+    "dropout": 0.0,
+    "band_means": True,
+}
+_BASE = {
+    "widths": [64, 128, 256, 512],
+    "depth": 2,
+    "embed_dim": 256,
+    "n_mels": 64,
+    "dropout": 0.1,
+    "band_means": True,
+}
 
 
 @register_model("cnn", presets={"small": _SMALL, "base": _BASE})
@@ -119,4 +150,6 @@ def cnn(
         wide = [max(w, dim) for w in widths]
         return stem, ConvEncoder(dim, wide, depth, dims=1, downsample=False, pool="max")
     stem = AudioStem(sample_rate, cfg["n_mels"])
+    if cfg["frame_stats"] and cfg["band_means"]:
+        return stem, ConvEncoder(1, widths, depth, dims=2, pool="bands", rows=cfg["n_mels"])
     return stem, ConvEncoder(1, widths, depth, dims=2)

@@ -24,11 +24,13 @@ _BUILDERS: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {}
 _CHECKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
 # Fields every family has, beside its preset's (`FeatureModel`); contrastive training turns
-# both on. token_mean: text features also hold the mean of the token embeddings; other
-# modalities ignore it. frame_stats: audio features of the families that embed frames (rnn,
-# attention) also hold the mean and standard deviation of the frame embeddings; the cnn and
-# other modalities ignore it. token_bag: text features end with `bag_dim` numbers of an LSA of
-# the text's tokens and adjacent token pairs, the `bag_columns` (at most) most texts hold.
+# the first three on. token_mean: text features also hold the mean of the token embeddings;
+# other modalities ignore it. frame_stats: audio features of the families that embed frames
+# (rnn, attention) also hold the mean and standard deviation of the frame embeddings; the cnn
+# (with its `band_means`) pools each channel in each frequency band over time, instead of one
+# mean over its grid; other modalities ignore it. token_bag:
+# text features end with `bag_dim` numbers of an LSA of the text's tokens and adjacent token
+# pairs, the `bag_columns` (at most) most texts hold.
 COMMON: dict[str, Any] = {
     "token_mean": False,
     "frame_stats": False,
@@ -38,7 +40,8 @@ COMMON: dict[str, Any] = {
 }
 # Fields added to a family's presets after models were saved, with the value that rebuilds
 # those models: a config without `freq_conv` (rnn, attention) predates the audio convs.
-SAVED_BEFORE: dict[str, Any] = {"freq_conv": False}
+# Likewise `band_means` (cnn): without it, contrastive audio models pooled the whole grid.
+SAVED_BEFORE: dict[str, Any] = {"freq_conv": False, "band_means": False}
 # name -> the peak learning rate the family trains best at (measured; `featx train --lr` wins)
 _LRS: dict[str, float] = {}
 
