@@ -28,9 +28,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
 # other modalities ignore it. frame_stats: audio features of the families that embed frames
 # (rnn, attention) also hold the mean and standard deviation of the frame embeddings; the cnn
 # (with its `band_means`) pools each channel in each frequency band over time, instead of one
-# mean over its grid; other modalities ignore it. token_bag:
-# text features end with `bag_dim` numbers of an LSA of the text's tokens and adjacent token
-# pairs, the `bag_columns` (at most) most texts hold.
+# mean over its grid; other modalities ignore it. token_bag: text features end with `bag_dim`
+# numbers of an LSA of the text's tokens and adjacent token pairs, the `bag_columns` (at most)
+# most texts hold.
 COMMON: dict[str, Any] = {
     "token_mean": False,
     "frame_stats": False,
