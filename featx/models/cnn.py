@@ -8,8 +8,9 @@ Grids (images, spectrograms) halve their resolution per stage and are mean-poole
 audio (`frame_stats`, with `band_means`) keeps the frequency axis: its features are the mean over
 a clip's valid frames of every channel in every frequency band of the last stage. A mean over the
 whole grid also averages the bands together, and the bands are where a spectrogram keeps what
-tells sounds apart: contrastive features on spoken digits / spoken words, grid mean -> band means,
-0.940 / 0.971 -> 0.989 / 0.981 (log-mel statistics 0.944 / 0.855). Text keeps
+tells sounds apart: contrastive features on spoken digits / spoken words, grid mean -> band means
+(means of three seeds; the grid mean on spoken words one run), 0.940 / 0.971 -> 0.989 / 0.981
+(log-mel statistics 0.944 / 0.855). Text keeps
 every token (a stride would merge words) with at least `embed_dim` channels (narrower stages
 would squeeze the embeddings), and is max-pooled: a topic shows in a few telling n-grams
 anywhere in a text, which a mean over hundreds of tokens dilutes (Kim, 2014). Measured on
